@@ -1,0 +1,50 @@
+"""The backend contract (``mlk.backends``): where trial processes run.
+
+The search loop submits :class:`mlk.trial.TrialTask` objects and collects
+:class:`mlk.trial.TrialResult` objects; the backend runs :func:`mlk.trial.run_trial` on each task
+somewhere (worker processes here, a Ray cluster elsewhere). A backend never loses a task
+silently: a worker that dies yields a failed result naming what happened.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from mlk.plugin import Plugin
+from mlk.sections import ResourcesConfig
+
+if TYPE_CHECKING:
+    from mlk.trial import TrialResult, TrialTask
+
+
+class Backend(Plugin):
+    """Base class of backends. ``config`` is the whole ``resources:`` section."""
+
+    Config: ClassVar[type[ResourcesConfig]] = ResourcesConfig
+
+    def __init__(self, config: ResourcesConfig, home: Path) -> None:
+        self.config = config
+        self.home = home
+
+    def describe(self) -> dict[str, Any]:
+        """What this backend would do, for ``mlk graph``: a plan, nothing started."""
+        return {"backend": self.name, "max_concurrent_trials": self.config.max_concurrent_trials}
+
+    def start(self) -> None:
+        """Acquire workers. Called once before the first :meth:`submit`."""
+
+    def capacity(self) -> int:
+        """How many tasks may run at once."""
+        return self.config.max_concurrent_trials
+
+    def submit(self, task: TrialTask) -> None:
+        """Start ``task``; return at once."""
+        raise NotImplementedError
+
+    def wait(self, timeout: float | None) -> list[TrialResult]:
+        """Results of tasks that ended, waiting up to ``timeout`` seconds for at least one."""
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        """Stop every worker; running tasks are abandoned (they resume from checkpoints later)."""

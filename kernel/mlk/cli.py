@@ -1,0 +1,259 @@
+"""The ``mlk`` command. Parsing imports nothing heavy; each verb imports what it needs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+EPILOG = """\
+examples:
+  mlk run +spec=digits_random                      search, train, select; resumes if interrupted
+  mlk run +spec=digits_random searcher.max_trials=4 resources.max_concurrent_trials=2
+  mlk graph +spec=digits_random                    the plan, nothing run
+  mlk spec show +spec=digits_random                the resolved, validated spec
+  mlk plugins list                                 installed plugins and their status
+  mlk runs show RUN                                trials, best trial, checkpoints, provenance
+  mlk reproduce RUN                                run again from the record and compare
+
+environment: MLK_HOME (run store, default ./.mlk), MLK_SPEC_PATH, MLK_PLUGINS_LOCK,
+  MLK_DISABLE_PLUGIN_AUTOLOAD=1, MLK_TRACE_PLUGINS=1, MLK_FULL_ERROR=1 (tracebacks)
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlk", description="mlk: declarative ML lifecycle runs.", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def overrides(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("overrides", nargs="*", metavar="OVERRIDE",
+                        help="+spec=NAME and Hydra overrides (key=value, +new_key=value, ~key)")
+
+    sp = sub.add_parser("run", help="compose, validate, plan, execute and record a run")
+    overrides(sp)
+    sp.add_argument("--fresh", action="store_true", help="recompute every node instead of resuming or reusing")
+    sp.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+
+    sp = sub.add_parser("graph", help="print the run graph a spec would execute; nothing runs")
+    overrides(sp)
+    sp.add_argument("--json", action="store_true")
+
+    spec = sub.add_parser("spec", help="show a resolved spec, or the JSON schema of specs")
+    spec_sub = spec.add_subparsers(dest="spec_command", metavar="ACTION", required=True)
+    overrides(spec_sub.add_parser("show", help="the resolved, validated spec as YAML"))
+    spec_sub.add_parser("schema", help="JSON schema of a spec, plugin sections included")
+    spec_sub.add_parser("list", help="names of the specs that +spec= finds, and where")
+
+    plugins = sub.add_parser("plugins", help="installed plugins")
+    pl_sub = plugins.add_subparsers(dest="plugins_command", metavar="ACTION", required=True)
+    pl_list = pl_sub.add_parser("list", help="group, name, distribution, version, status")
+    pl_list.add_argument("--json", action="store_true")
+    pl_sub.add_parser("lock", help="print a lock of the installed plugin set (redirect to plugins.lock)")
+
+    runs = sub.add_parser("runs", help="recorded runs")
+    runs_sub = runs.add_subparsers(dest="runs_command", metavar="ACTION", required=True)
+    rl = runs_sub.add_parser("list", help="every run in the store")
+    rl.add_argument("--json", action="store_true")
+    rs = runs_sub.add_parser("show", help="trials, best trial, checkpoints and provenance of a run")
+    rs.add_argument("run")
+    rs.add_argument("--json", action="store_true")
+    rr = runs_sub.add_parser("resume", help="continue an interrupted run")
+    rr.add_argument("run")
+    rr.add_argument("--quiet", "-q", action="store_true")
+
+    rp = sub.add_parser("reproduce", help="re-run a run from its record and report every difference")
+    rp.add_argument("run")
+    rp.add_argument("--quiet", "-q", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.version:
+        from importlib.metadata import version
+
+        print(f"mlk {version('mlk-kernel')}")
+        return 0
+    if not args.command:
+        _parser().print_help()
+        return 0
+    from mlk.errors import MlkError, UserError
+
+    try:
+        return int(_dispatch(args) or 0)
+    except UserError as e:
+        if os.environ.get("MLK_FULL_ERROR"):
+            raise
+        print(f"mlk: error: {e.render()}", file=sys.stderr)
+        return 2
+    except MlkError as e:
+        if os.environ.get("MLK_FULL_ERROR"):
+            raise
+        print(f"mlk: error: {e}\n  (set MLK_FULL_ERROR=1 for the traceback)", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("mlk: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def _dispatch(args: argparse.Namespace) -> int | None:
+    if args.command == "run":
+        from mlk.runner import execute
+        from mlk.spec import load_spec
+
+        spec = load_spec(args.overrides)
+        run_id = execute(spec, fresh=args.fresh, quiet=args.quiet)
+        from mlk.report import print_summary
+
+        print_summary(run_id)
+        return 0
+    if args.command == "graph":
+        return _graph(args)
+    if args.command == "spec":
+        return _spec(args)
+    if args.command == "plugins":
+        return _plugins(args)
+    if args.command == "runs":
+        return _runs(args)
+    if args.command == "reproduce":
+        from mlk.reproduce import reproduce
+
+        return reproduce(args.run, quiet=args.quiet)
+    raise AssertionError(args.command)
+
+
+def _graph(args: argparse.Namespace) -> int:
+    from mlk.graph import plan
+    from mlk.registry import registry
+    from mlk.spec import load_spec
+
+    spec = load_spec(args.overrides)
+    graph = plan(spec, registry().hooks)
+    backend_cls = registry().get("backends", spec.resources.backend, where="resources.backend")
+    backend_plan = backend_cls(spec.resources, spec.file.parent).describe()
+    if args.json:
+        print(json.dumps({"spec": spec.name, "hash": spec.hash, "nodes": graph.to_dict(), "backend": backend_plan},
+                         indent=2))
+        return 0
+    from mlk.store import RunStore
+
+    store = RunStore()
+    # Volatile nodes key on what they find; assume they find what they found last time.
+    found = {}
+    for node in graph.nodes:
+        if node.volatile:
+            last = store.last_volatile_output(node.kind, node.key)
+            if last and last.get("fingerprint"):
+                found[node.id] = last["fingerprint"]
+    graph.rekey(found)
+    print(f"run graph of {spec.name} ({spec.file})")
+    for node in graph.nodes:
+        done = None if node.volatile else store.completed_node(node.key)
+        if node.volatile:
+            state = "always runs" + (f" (last found {found[node.id][:12]})" if node.id in found else "")
+        else:
+            state = f"reuse from {done['run_id']}" if done else "to run"
+        deps = f" <- {', '.join(node.inputs)}" if node.inputs else ""
+        print(f"  {node.id:<10} [{node.kind}] {node.key[:12]}  {state}{deps}")
+        if node.describe:
+            print(f"             {node.describe}")
+    print(f"  backend: {json.dumps(backend_plan)}")
+    return 0
+
+
+def _spec(args: argparse.Namespace) -> int:
+    if args.spec_command == "schema":
+        from mlk.spec import spec_schema
+
+        print(json.dumps(spec_schema(), indent=2))
+        return 0
+    if args.spec_command == "list":
+        from mlk.spec import spec_dirs
+
+        seen = set()
+        for d in spec_dirs():
+            for path in sorted(d.glob("*.yaml")):
+                shadow = " (shadowed)" if path.stem in seen else ""
+                seen.add(path.stem)
+                print(f"{path.stem:<24} {path}{shadow}")
+        return 0
+    import yaml
+
+    from mlk.spec import load_spec
+
+    spec = load_spec(args.overrides)
+    print(f"# {spec.name} from {spec.file} (hash {spec.hash[:12]})")
+    print(yaml.safe_dump(spec.data, sort_keys=False), end="")
+    return 0
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    from mlk.registry import registry
+
+    reg = registry()
+    if args.plugins_command == "lock":
+        from mlk.lock import lock_data
+
+        print(json.dumps(lock_data(reg), indent=2))
+        return 0
+    rows: list[dict[str, Any]] = []
+    for entry in reg.entries():
+        status, detail = entry.status()
+        rows.append({"group": entry.group, "name": entry.name, "distribution": entry.distribution,
+                     "version": entry.version, "value": entry.value, "status": status, "detail": detail})
+    if args.json:
+        print(json.dumps({"plugins": rows, "problems": reg.problems}, indent=2))
+        return 0
+    from rich.table import Table
+
+    from mlk.console import out_console
+
+    table = Table(box=None, pad_edge=False)
+    for col in ("group", "name", "distribution", "version", "status"):
+        table.add_column(col)
+    colour = {"ok": "green", "unavailable": "yellow", "broken": "red"}
+    for r in rows:
+        status = f"[{colour[r['status']]}]{r['status']}[/]" + (f": {r['detail']}" if r["detail"] else "")
+        table.add_row(r["group"], r["name"], r["distribution"], r["version"], status)
+    out_console().print(table)
+    for problem in reg.problems:
+        out_console().print(f"[red]problem[/]: {problem}", highlight=False)
+    return 0
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from mlk import report
+
+    if args.runs_command == "list":
+        return report.list_runs(as_json=args.json)
+    if args.runs_command == "show":
+        return report.show_run(args.run, as_json=args.json)
+    from mlk.runner import execute
+    from mlk.spec import validate_spec
+    from mlk.store import RunStore
+
+    run = RunStore().run(args.run)
+    if run["status"] == "completed":
+        print(f"run {run['id']} already completed")
+        return 0
+    spec = validate_spec(run["spec"], _spec_path(run))
+    run_id = execute(spec, quiet=args.quiet, resume_run=run["id"])
+    report.print_summary(run_id)
+    return 0
+
+
+def _spec_path(run: dict[str, Any]) -> Any:
+    from pathlib import Path
+
+    return Path((run.get("provenance") or {}).get("spec", {}).get("file") or f"{run['spec_name']}.yaml")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

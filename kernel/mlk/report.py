@@ -1,0 +1,154 @@
+"""What ``mlk runs list``, ``mlk runs show`` and the end of ``mlk run`` print."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from mlk.store import RunStore
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def _num(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def search_run_id(store: RunStore, run_id: str) -> str:
+    """The run whose trials this run's search used (itself, or the run it reused the search from)."""
+    node = store.node(run_id, "search")
+    if node and node.get("outputs"):
+        return str(node["outputs"]["run_id"])
+    return run_id
+
+
+def run_details(store: RunStore, run_id: str) -> dict[str, Any]:
+    run = store.run(run_id)
+    rid = run["id"]
+    source = search_run_id(store, rid)
+    trials = store.trials(source)
+    ckpts = store.checkpoints(source)
+    for t in trials:
+        t["checkpoints"] = [{"resource": c["resource"], "uri": c["uri"], "value": c["value"]}
+                            for c in ckpts if c["trial_id"] == t["trial_id"]]
+    return {
+        "id": rid, "spec_name": run["spec_name"], "status": run["status"], "created": run["created"],
+        "finished": run["finished"], "error": run["error"], "reproduces": run["reproduces"],
+        "summary": run["summary"], "spec": run["spec"], "provenance": run["provenance"],
+        "nodes": [{k: n[k] for k in ("node_id", "kind", "key", "status", "reused_from", "started", "finished",
+                                     "error")} for n in store.nodes(rid)],
+        "search_run": source,
+        "trials": trials,
+    }
+
+
+def list_runs(as_json: bool = False) -> int:
+    store = RunStore()
+    runs = store.runs()
+    if as_json:
+        print(json.dumps([{k: r[k] for k in ("id", "spec_name", "status", "created", "finished", "summary")}
+                          for r in runs], indent=2, default=str))
+        return 0
+    from rich.table import Table
+
+    from mlk.console import out_console
+
+    table = Table(box=None, pad_edge=False)
+    for col in ("run", "spec", "status", "started", "best", "trials"):
+        table.add_column(col)
+    for r in runs:
+        s = r["summary"] or {}
+        best = f"{s['metric']}={_num(s['best_value'])} (trial {s['best_trial']})" if s else "-"
+        n = len(store.trials(search_run_id(store, r["id"])))
+        table.add_row(r["id"], r["spec_name"], r["status"], _when(r["created"]), best, str(n))
+    if not runs:
+        out_console().print(f"no runs in {store.path}")
+    else:
+        out_console().print(table)
+    return 0
+
+
+def show_run(run_id: str, as_json: bool = False) -> int:
+    store = RunStore()
+    d = run_details(store, run_id)
+    if as_json:
+        print(json.dumps(d, indent=2, default=str))
+        return 0
+    from rich.table import Table
+
+    from mlk.console import out_console
+
+    con = out_console()
+    con.print(f"[bold]run {d['id']}[/]  spec {d['spec_name']}  status {d['status']}", highlight=False)
+    con.print(f"started {_when(d['created'])}  finished {_when(d['finished'])}", highlight=False)
+    if d["reproduces"]:
+        con.print(f"reproduces run {d['reproduces']}", highlight=False)
+    if d["error"]:
+        con.print(f"[red]error[/]: {d['error']}", highlight=False)
+    con.print("\n[bold]graph[/]")
+    for n in d["nodes"]:
+        extra = f" (reused from {n['reused_from']})" if n["reused_from"] else ""
+        con.print(f"  {n['node_id']:<10} {n['status']:<8} {n['key'][:12]}{extra}", highlight=False)
+    trials = d["trials"]
+    if trials:
+        con.print(f"\n[bold]trials[/] (run {d['search_run']})" if d["search_run"] != d["id"] else "\n[bold]trials[/]")
+        hp_names = list(trials[0]["hparams"])
+        metric_names = sorted({k for t in trials for k in (t["metrics"] or {})})
+        table = Table(box=None, pad_edge=False)
+        for col in ("trial", "state", "epochs", *hp_names, *metric_names, "checkpoint"):
+            table.add_column(col)
+        best = (d["summary"] or {}).get("best_trial")
+        for t in trials:
+            mark = "*" if t["trial_id"] == best else ""
+            ck = t["checkpoints"][-1]["uri"].rsplit("/", 1)[-1] if t["checkpoints"] else "-"
+            table.add_row(f"{t['trial_id']}{mark}", t["status"], str(t["resource"]),
+                          *[_num(t["hparams"].get(h)) for h in hp_names],
+                          *[_num((t["metrics"] or {}).get(m, "-")) for m in metric_names], ck)
+        con.print(table)
+    s = d["summary"]
+    if s:
+        con.print(f"\n[bold]best[/]: trial {s['best_trial']} {s['metric']}={_num(s['best_value'])} at "
+                  f"{s['best_resource']} epochs", highlight=False)
+        con.print(f"  hyperparameters: {json.dumps(s['hparams'])}", highlight=False)
+        con.print(f"  checkpoint: {s['checkpoint']}", highlight=False)
+    p = d["provenance"] or {}
+    if p:
+        git = p.get("git", {})
+        gits = (f"{git['commit'][:12]}{' (dirty)' if git.get('dirty') else ''}" if git.get("repository")
+                else "not a git repository")
+        hw = p.get("hardware", {})
+        con.print("\n[bold]provenance[/]", highlight=False)
+        con.print(f"  python {p.get('python', {}).get('version')}  {p.get('platform')}", highlight=False)
+        con.print(f"  git {gits}  cwd {p.get('cwd')}", highlight=False)
+        con.print(f"  hardware {hw.get('processor')} x{hw.get('usable_cpus')}  memory {hw.get('memory')}",
+                  highlight=False)
+        con.print(f"  seeds {json.dumps(p.get('seeds', {}))}", highlight=False)
+        if "data" in p:
+            con.print(f"  data {p['data']['name']} sha256 {p['data']['fingerprint'][:16]} {p['data']['sizes']}",
+                      highlight=False)
+        con.print(f"  plugins {', '.join(x['plugin'] + ' ' + x['version'] for x in p.get('plugins', []))}",
+                  highlight=False)
+        con.print(f"  packages: {len(p.get('packages', {}))} recorded (`mlk runs show {d['id']} --json`)",
+                  highlight=False)
+    return 0
+
+
+def print_summary(run_id: str) -> None:
+    store = RunStore()
+    run = store.run(run_id)
+    s = run["summary"] or {}
+    from mlk.console import out_console
+
+    con = out_console()
+    if not s:
+        con.print(f"run {run_id}: {run['status']}", highlight=False)
+        return
+    metrics = ", ".join(f"{k}={_num(v)}" for k, v in sorted(s["best_metrics"].items()))
+    con.print(f"\n[bold green]done[/] run {run_id}", highlight=False)
+    con.print(f"  best trial {s['best_trial']} at {s['best_resource']} epochs: {metrics}", highlight=False)
+    con.print(f"  hyperparameters: {json.dumps(s['hparams'])}", highlight=False)
+    con.print(f"  checkpoint: {s['checkpoint']}", highlight=False)
+    con.print(f"  details: mlk runs show {run_id}", highlight=False)

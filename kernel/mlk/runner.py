@@ -1,0 +1,133 @@
+"""Executing a run: plan the graph, then run (or reuse) each node in order, recording everything.
+
+``mlk run`` on a spec whose previous run was interrupted (killed, Ctrl-C, a crash) resumes that
+run: its finished nodes are kept and the search continues from its saved state. Otherwise a new
+run starts, reusing any node whose key is complete in the store (``--fresh`` recomputes all).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlk.errors import MlkError, UserError
+from mlk.graph import Graph, Node, plan
+from mlk.imports import import_object
+from mlk.spec import Spec
+from mlk.store import RunStore
+
+
+@dataclass
+class RunContext:
+    """What a node executor sees: the run, its spec, the store, the plugins, its inputs' outputs."""
+
+    run_id: str
+    spec: Spec
+    store: RunStore
+    registry: Any
+    graph: Graph
+    outputs: dict[str, Any] = field(default_factory=dict)
+    quiet: bool = False
+
+    @property
+    def hooks(self) -> Any:
+        return self.registry.hooks
+
+    def say(self, message: str) -> None:
+        if not self.quiet:
+            from mlk.console import err_console
+
+            err_console().print(message, highlight=False)
+
+
+def new_run_id(spec_name: str) -> str:
+    return f"{spec_name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def execute(spec: Spec, *, fresh: bool = False, quiet: bool = False, reproduces: str | None = None,
+            resume_run: str | None = None) -> str:
+    """Run ``spec`` to completion; return the run id. Raises on failure after recording it."""
+    from mlk.provenance import collect_provenance
+    from mlk.registry import registry
+
+    reg = registry()
+    store = RunStore()
+    graph = plan(spec, reg.hooks)
+    previous = store.run(resume_run) if resume_run else (None if fresh or reproduces else
+                                                         store.resumable_run(spec.hash))
+    if previous is not None:
+        run_id = previous["id"]
+        store.update_run(run_id, status="running", pid=_pid(), error=None)
+        provenance = previous["provenance"] or {}
+    else:
+        run_id = new_run_id(spec.name)
+        store.create_run(run_id, spec.name, spec.hash, spec.data, reproduces=reproduces)
+        provenance = collect_provenance(spec, reg)
+        store.update_run(run_id, provenance_json=provenance)
+    ctx = RunContext(run_id, spec, store, reg, graph, quiet=quiet)
+    ctx.say(f"{'resuming' if previous else 'run'} [bold]{run_id}[/] ({spec.file})")
+    store.add_event(run_id, "run_resumed" if previous else "run_started", {"spec": spec.name})
+    reg.hooks.mlk_run_started(run_id=run_id, spec=spec, provenance=provenance)
+
+    status = "failed"
+    summary: dict[str, Any] = {}
+    try:
+        for node in graph.nodes:
+            ctx.outputs[node.id] = _run_node(ctx, node, reuse=not fresh and not reproduces)
+        summary = ctx.outputs.get("select", {})
+        status = "completed"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        store.update_run(run_id, status=status, error="interrupted by the user")
+        ctx.say(f"[yellow]interrupted[/]: resume with the same command, or `mlk runs resume {run_id}`")
+        raise
+    except MlkError as e:
+        store.update_run(run_id, status=status, error=str(e))
+        raise
+    except BaseException:
+        store.update_run(run_id, status=status, error=traceback.format_exc())
+        raise
+    finally:
+        store.add_event(run_id, f"run_{status}", {})
+        reg.hooks.mlk_run_finished(run_id=run_id, status=status, summary=summary)
+        if status == "completed":
+            store.update_run(run_id, status=status, finished=time.time(), summary_json=summary)
+        store.close()
+    return run_id
+
+
+def _run_node(ctx: RunContext, node: Node, reuse: bool) -> Any:
+    store, run_id = ctx.store, ctx.run_id
+    mine = store.node(run_id, node.id)
+    if mine and mine["status"] == "done" and mine["key"] == node.key and not node.volatile:
+        return mine["outputs"]
+    if reuse and not node.volatile:
+        done = store.completed_node(node.key)
+        if done is not None:
+            store.finish_node(run_id, node.id, done["outputs"], reused_from=done["run_id"], key=node.key,
+                              kind=node.kind)
+            ctx.say(f"[dim]{node.id}: reused from run {done['run_id']}[/]")
+            return done["outputs"]
+    store.start_node(run_id, node.id, node.key, node.kind)
+    executor = import_object(node.run, where=f"run graph node '{node.id}'")
+    try:
+        outputs = executor(node, ctx)
+    except (UserError, KeyboardInterrupt):
+        store.fail_node(run_id, node.id, "interrupted")
+        raise
+    except BaseException as e:
+        store.fail_node(run_id, node.id, f"{type(e).__name__}: {e}")
+        raise
+    if node.volatile and isinstance(outputs, dict) and outputs.get("fingerprint"):
+        ctx.graph.rekey({node.id: outputs["fingerprint"]})
+    store.finish_node(run_id, node.id, outputs, key=node.key, kind=node.kind)
+    return outputs
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()

@@ -1,0 +1,390 @@
+"""The spec: composed by Hydra, validated by pydantic, the kernel owning the top level and each
+plugin its own section.
+
+A spec named NAME is the file ``NAME.yaml`` found first in: ``./specs`` of the working
+directory, each folder of ``MLK_SPEC_PATH`` (``os.pathsep``-separated), the packages of the
+``mlk.specs`` entry-point group, then mlk's builtin specs. ``+spec=NAME`` (or a path to a YAML
+file) picks it; every other argument is a Hydra override (``searcher.max_trials=8``,
+``+data.subset=100``). Spec files may extend others with a Hydra defaults list.
+
+Values may refer to the trial's hyperparameters as ``${hp.NAME}`` in the ``framework``, ``data``
+and ``model`` sections; those are bound per trial (:func:`bind_hparams`). Plugin sections are
+checked before anything runs by binding a probe configuration from the search space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mlk.errors import UserError, did_you_mean
+from mlk.hyperparameters import SearchSpace, parse_hyperparameter
+from mlk.sections import ResourcesConfig, SearcherConfig, StorageConfig
+
+HP_PATTERN = re.compile(r"\$\{hp\.([A-Za-z_][\w]*)\}")
+BOUND_SECTIONS = ("framework", "data", "model")
+
+
+class PluginsPolicy(BaseModel):
+    """``plugins:``: which plugins this spec may load."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    allow: list[str] | None = Field(
+        None, description="'group/name' patterns (fnmatch) of plugins that may load, e.g. 'searchers/*'"
+    )
+    lock: str | None = Field(None, description="a file written by `mlk plugins lock`; the installed set must match it")
+
+
+class ReproducibilityConfig(BaseModel):
+    """``reproducibility:``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    deterministic: bool = Field(
+        False, description="deterministic algorithms and fixed threads: two runs give bit-identical metrics on CPU"
+    )
+
+
+class TopLevel(BaseModel):
+    """The top level of a spec. Plugin sections are mappings here; their plugins validate them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    description: str = Field("", description="free text shown by `mlk runs list`")
+    seed: int = Field(0, ge=0, description="the root of every seed the run derives")
+    framework: dict[str, Any] = Field(description="training framework (a plugin of mlk.frameworks) and its options")
+    data: dict[str, Any] = Field(description="dataset (a plugin of mlk.datasets) and its options")
+    model: dict[str, Any] = Field(description="model: `name` of a plugin of mlk.models, or `_target_`, and options")
+    hyperparameters: dict[str, Any] = Field(default_factory=dict, description="the search space")
+    searcher: dict[str, Any] = Field(description="search algorithm (a plugin of mlk.searchers) and budget")
+    resources: dict[str, Any] = Field(default_factory=dict, description="backend and concurrency")
+    storage: dict[str, Any] = Field(default_factory=lambda: {"name": "local"},
+                                    description="checkpoint store (a plugin of mlk.storage) and retention")
+    reproducibility: ReproducibilityConfig = Field(default_factory=ReproducibilityConfig)
+    plugins: PluginsPolicy = Field(default_factory=PluginsPolicy)
+    compile: list[dict[str, Any]] = Field(default_factory=list, description="compile steps (later stages)")
+    deploy: list[dict[str, Any]] = Field(default_factory=list, description="deploy targets (later stages)")
+
+
+@dataclass
+class Spec:
+    """A composed, fully validated spec."""
+
+    name: str
+    file: Path
+    data: dict[str, Any]
+    space: SearchSpace
+    searcher: SearcherConfig
+    resources: ResourcesConfig
+    storage: StorageConfig
+
+    @property
+    def hash(self) -> str:
+        return spec_hash(self.data)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+
+def spec_hash(data: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# -- finding and composing ---------------------------------------------------------------------
+
+
+def builtin_spec_dir() -> Path:
+    """mlk's own specs: inside the wheel (``mlk/_specs``) or, from a source checkout, ``specs/``."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "_specs"
+    return packaged if packaged.is_dir() else here.parents[1] / "specs"
+
+
+def spec_dirs() -> list[Path]:
+    """Where specs are looked for, first match wins."""
+    from mlk.registry import registry
+
+    dirs = [Path.cwd() / "specs"]
+    dirs += [Path(p) for p in os.environ.get("MLK_SPEC_PATH", "").split(os.pathsep) if p]
+    dirs += registry().spec_dirs()
+    dirs.append(builtin_spec_dir())
+    seen: list[Path] = []
+    for d in dirs:
+        d = d.resolve()
+        if d.is_dir() and d not in seen:
+            seen.append(d)
+    return seen
+
+
+def available_specs() -> list[str]:
+    return sorted({p.stem for d in spec_dirs() for p in d.glob("*.yaml")})
+
+
+def split_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
+    """Separate ``+spec=NAME`` (or ``spec=NAME``) from the other overrides."""
+    name = None
+    rest = []
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        if eq and key.lstrip("+~") == "spec":
+            name = value
+        else:
+            rest.append(arg)
+    return name, rest
+
+
+def find_spec_file(name: str) -> Path:
+    if name.endswith((".yaml", ".yml")):
+        path = Path(name)
+        if path.is_file():
+            return path.resolve()
+        raise UserError(f"spec file '{name}' does not exist", where="+spec")
+    for d in spec_dirs():
+        candidate = d / f"{name}.yaml"
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"no spec named '{name}'", where="+spec", choices=available_specs(), got=name,
+                    hint="specs are looked for in ./specs, $MLK_SPEC_PATH, plugin packages and mlk's builtin specs")
+
+
+def _quote(path: Path) -> str:
+    return "'file://" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def compose(args: Sequence[str]) -> tuple[Path, dict[str, Any]]:
+    """Compose the spec named in ``args`` with the other overrides; return its file and content.
+
+    ``${hp.*}`` references are left in place for the trial; every other interpolation is resolved.
+    """
+    name, overrides = split_args(args)
+    if not name:
+        raise UserError("no spec chosen", where="command line", choices=available_specs(),
+                        hint="pick one with +spec=NAME, e.g. `mlk run +spec=digits_random`")
+    path = find_spec_file(name)
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    others = [d for d in spec_dirs() if d != path.parent]
+    search = [f"hydra.searchpath=[{','.join(_quote(d) for d in others)}]"] if others else []
+    try:
+        with initialize_config_dir(config_dir=str(path.parent), version_base="1.3"):
+            cfg = hydra_compose(path.stem, overrides=[*search, *overrides])
+        OmegaConf.set_struct(cfg, False)
+        names = set()
+        for section in BOUND_SECTIONS:
+            if section in cfg:
+                names |= set(HP_PATTERN.findall(OmegaConf.to_yaml(cfg[section])))
+        # Escaped, so resolving leaves the literal `${hp.NAME}` for the trial to bind.
+        cfg["hp"] = {n: "\\${hp." + n + "}" for n in names}
+        data = OmegaConf.to_container(cfg, resolve=True)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise UserError(str(e).strip(), where=str(path),
+                        hint="overrides look like key=value, +new_key=value to add, ~key to delete") from e
+    assert isinstance(data, dict)
+    data.pop("hp", None)
+    data.pop("hydra", None)
+    return path, data
+
+
+# -- binding hyperparameters ---------------------------------------------------------------------
+
+
+def bind_hparams(section: Any, hparams: dict[str, Any], where: str) -> Any:
+    """``section`` with each ``${hp.NAME}`` replaced by the trial's value (types kept)."""
+    text = json.dumps(section)
+    refs = set(HP_PATTERN.findall(text))
+    if not refs:
+        return section
+    unknown = sorted(refs - set(hparams))
+    if unknown:
+        raise UserError(f"refers to hyperparameter '{unknown[0]}', which `hyperparameters` does not define",
+                        where=where, choices=hparams, got=unknown[0])
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"hp": hparams, "section": section})
+    return OmegaConf.to_container(cfg, resolve=True)["section"]  # type: ignore[index]
+
+
+def _restore_templates(validated: Any, original: Any) -> Any:
+    """Put ``${hp.*}`` templates of ``original`` back into the validated (bound) data."""
+    if isinstance(original, str) and HP_PATTERN.search(original):
+        return original
+    if isinstance(original, dict) and isinstance(validated, dict):
+        return {k: _restore_templates(v, original.get(k)) for k, v in validated.items()}
+    if isinstance(original, list) and isinstance(validated, list) and len(original) == len(validated):
+        return [_restore_templates(v, o) for v, o in zip(validated, original)]
+    return validated
+
+
+# -- validation ----------------------------------------------------------------------------------
+
+
+def format_validation_error(err: ValidationError, prefix: str, model: type[BaseModel] | None = None) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+            fields = _fields_at(model, e["loc"][:-1]) if model else []
+            near = did_you_mean(str(e["loc"][-1]), fields)
+            if fields:
+                msg += f" (valid keys: {', '.join(fields)})"
+            if near:
+                msg += f"; did you mean '{near}'?"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = f"{e['msg']} (got {e.get('input')!r})"
+        lines.append(f"{loc}: {msg}")
+    return "\n  ".join(lines)
+
+
+def _fields_at(model: type[BaseModel] | None, loc: Sequence[Any]) -> list[str]:
+    for part in loc:
+        if model is None:
+            return []
+        info = model.model_fields.get(str(part))
+        ann = getattr(info, "annotation", None) if info else None
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    if model is None:
+        return []
+    return sorted((f.alias or n) for n, f in model.model_fields.items())
+
+
+def validate_section(config_cls: type[BaseModel], data: Any, where: str) -> Any:
+    """``config_cls`` validated from ``data``; a :class:`UserError` naming each bad key path."""
+    try:
+        return config_cls.model_validate(data)
+    except ValidationError as e:
+        raise UserError("invalid section:\n  " + format_validation_error(e, where, config_cls)) from None
+
+
+def _check_plugin_section(reg: Any, group: str, section: dict[str, Any], where: str,
+                          probe: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    if "name" not in section:
+        raise UserError("missing key 'name'", where=f"{where}.name", choices=reg.names(group))
+    cls = reg.get(group, section["name"], where=f"{where}.name")
+    bound = bind_hparams(section, probe, where)
+    config = validate_section(cls.Config, bound, where)
+    return config, _restore_templates(config.model_dump(by_alias=True, mode="json"), section)
+
+
+def load_spec(args: Sequence[str]) -> Spec:
+    """Compose and validate the spec named in ``args``; apply its plugin policy."""
+    path, raw = compose(args)
+    return validate_spec(raw, path)
+
+
+def validate_spec(raw: dict[str, Any], path: Path) -> Spec:
+    from mlk.lock import enforce_lock
+    from mlk.registry import registry
+
+    where = str(path)
+    try:
+        top = TopLevel.model_validate(raw)
+    except ValidationError as e:
+        raise UserError("invalid spec:\n  " + format_validation_error(e, "", TopLevel), where=where) from None
+    reg = registry()
+    reg.allow = top.plugins.allow
+    lock = top.plugins.lock or os.environ.get("MLK_PLUGINS_LOCK")
+    if lock:
+        lock_path = Path(lock) if Path(lock).is_absolute() else (path.parent / lock if top.plugins.lock else Path(lock))
+        enforce_lock(reg, lock_path)
+
+    params = {}
+    for hp_name, hp_raw in top.hyperparameters.items():
+        try:
+            params[hp_name] = parse_hyperparameter(hp_raw)
+        except ValidationError as e:
+            raise UserError("invalid hyperparameter:\n  " + format_validation_error(e, f"hyperparameters.{hp_name}"),
+                            where=where,
+                            hint="types: const (val), int/double (minval, maxval), log (minval, maxval exponents, "
+                                 "base), categorical (vals)") from None
+    space = SearchSpace(params)
+    probe = space.probe()
+
+    data = top.model_dump(by_alias=True, mode="json")
+    try:
+        _, data["framework"] = _check_plugin_section(reg, "frameworks", top.framework, "framework", probe)
+        _, data["data"] = _check_plugin_section(reg, "datasets", top.data, "data", probe)
+        data["model"] = _check_model(reg, top.model, probe)
+        searcher, data["searcher"] = _check_plugin_section(reg, "searchers", top.searcher, "searcher", probe)
+        resources_raw = {"backend": "local", **top.resources}
+        backend_cls = reg.get("backends", resources_raw["backend"], where="resources.backend")
+        resources = validate_section(backend_cls.Config, resources_raw, "resources")
+        data["resources"] = resources.model_dump(mode="json")
+        storage, data["storage"] = _check_plugin_section(reg, "storage", {"name": "local", **top.storage},
+                                                         "storage", probe)
+        reg.get("searchers", searcher.name, where="searcher.name").check_space(searcher, space)
+    except UserError as e:
+        e.where = f"{where}: {e.where}" if e.where else where
+        raise UserError(e.message, where=e.where, choices=e.choices, got=e.got, hint=e.hint) from None
+    return Spec(path.stem, path, data, space, searcher, resources, storage)
+
+
+def _check_model(reg: Any, model: dict[str, Any], probe: dict[str, Any]) -> dict[str, Any]:
+    if bool(model.get("name")) == bool(model.get("_target_")):
+        raise UserError("give exactly one of `name` (a builtin model) or `_target_` (an importable callable)",
+                        where="model", choices=reg.names("models"))
+    if model.get("_target_"):
+        return model
+    cls = reg.get("models", model["name"], where="model.name")
+    options = {k: v for k, v in model.items() if k != "name"}
+    config = validate_section(cls.Config, bind_hparams(options, probe, "model"), "model")
+    dumped = _restore_templates(config.model_dump(mode="json"), options)
+    return {"name": model["name"], **dumped}
+
+
+# -- schema --------------------------------------------------------------------------------------
+
+
+def spec_schema() -> dict[str, Any]:
+    """JSON schema of a spec, with each plugin section a union of the installed plugins' Configs."""
+    from typing import Annotated, Literal, Union
+
+    from pydantic import create_model
+
+    from mlk.hyperparameters import Hyperparameter
+    from mlk.registry import registry
+
+    reg = registry()
+
+    def union(group: str) -> Any:
+        members = []
+        for entry in reg.entries(group):
+            try:
+                cls = entry.load()
+            except Exception:
+                continue  # a broken plugin is reported by `mlk plugins list`, not here
+            members.append(create_model(f"{group}_{entry.name}", __base__=cls.Config,
+                                        name=(Literal[entry.name], ...)))  # type: ignore[call-overload]
+        if not members:
+            return dict[str, Any]
+        if len(members) == 1:
+            return members[0]
+        return Annotated[Union[tuple(members)], Field(discriminator="name")]  # noqa: UP007
+
+    backends = [e.load().Config for e in reg.entries("backends")]
+    model = create_model(
+        "MlkSpec",
+        __base__=TopLevel,
+        framework=(union("frameworks"), ...),
+        data=(union("datasets"), ...),
+        searcher=(union("searchers"), ...),
+        storage=(union("storage"), None),
+        resources=(backends[0] if len(backends) == 1 else dict[str, Any], None),
+        hyperparameters=(dict[str, Hyperparameter], None),
+    )
+    return model.model_json_schema()

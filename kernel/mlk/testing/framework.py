@@ -1,0 +1,60 @@
+"""Conformance suite of frameworks (``mlk.frameworks``): real training through ``run_trial``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+from mlk.framework import Framework
+from mlk.registry import registry
+from mlk.store import RunStore
+from mlk.testing import build_spec
+from mlk.trial import TrialTask, run_trial
+
+
+class FrameworkContract:
+    """Subclass and set ``plugin`` and ``sections`` (framework, data, model, hyperparameters,
+    searcher metric) describing a small real training job that reports ``metric`` each epoch."""
+
+    plugin: ClassVar[str] = ""
+    sections: ClassVar[dict[str, Any]] = {}
+    hparams: ClassVar[dict[str, Any]] = {}
+
+    def run(self, tmp_path: Path, run_id: str, target: int, deterministic: bool = True) -> tuple[Any, RunStore]:
+        spec = build_spec({**self.sections, "reproducibility": {"deterministic": deterministic}}, tmp_path)
+        store = RunStore(tmp_path)
+        if not any(r["id"] == run_id for r in store.runs()):
+            store.create_run(run_id, "contract", spec.hash, spec.data)
+        store.upsert_trial(run_id, 1, self.hparams, 1234, "running", target)
+        task = TrialTask(run_id=run_id, trial_id=1, hparams=self.hparams, seed=1234, target=target, spec=spec.data,
+                         home=str(tmp_path), threads=1)
+        result = run_trial(task)
+        assert result.error is None, result.error
+        return result, store
+
+    def test_registered_class(self) -> None:
+        cls = registry().get("frameworks", self.plugin, where="framework.name")
+        assert issubclass(cls, Framework) and cls.name == self.plugin and cls.__doc__
+
+    def test_trains_reports_and_checkpoints(self, tmp_path: Path) -> None:
+        result, store = self.run(tmp_path, "a", target=2)
+        metric = self.sections["searcher"]["metric"]
+        reports = store.metrics("a", 1)
+        assert [r["resource"] for r in reports] == [1, 2]
+        assert all(metric in r["metrics"] for r in reports)
+        assert result.resource == 2 and result.value == reports[-1]["metrics"][metric]
+        assert [c["resource"] for c in store.checkpoints("a", 1)] == [2]
+
+    def test_resume_continues_from_checkpoint_bit_identically(self, tmp_path: Path) -> None:
+        self.run(tmp_path, "split", target=1)
+        _, store = self.run(tmp_path, "split", target=3)
+        self.run(tmp_path, "whole", target=3)
+        split = [r["metrics"] for r in store.metrics("split", 1)]
+        whole = [r["metrics"] for r in store.metrics("whole", 1)]
+        assert len(split) == 3
+        assert split == whole
+
+    def test_deterministic_runs_are_identical(self, tmp_path: Path) -> None:
+        _, store = self.run(tmp_path / "one", "x", target=2)
+        _, store2 = self.run(tmp_path / "two", "x", target=2)
+        assert [r["metrics"] for r in store.metrics("x", 1)] == [r["metrics"] for r in store2.metrics("x", 1)]

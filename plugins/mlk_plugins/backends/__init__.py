@@ -1,0 +1,1 @@
+"""Builtin backends: local worker processes."""

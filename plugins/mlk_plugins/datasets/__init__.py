@@ -1,0 +1,1 @@
+"""Dataset plugins (``mlk.datasets``): small reference datasets split train/val/test."""

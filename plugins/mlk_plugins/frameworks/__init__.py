@@ -1,0 +1,1 @@
+"""Framework plugins (``mlk.frameworks``): each owns the training loop of one trial."""

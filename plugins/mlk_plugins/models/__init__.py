@@ -1,0 +1,1 @@
+"""Model plugins (``mlk.models``): named architectures built for the framework that asks."""

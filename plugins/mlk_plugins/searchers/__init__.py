@@ -1,0 +1,1 @@
+"""Builtin searchers: single, grid, random."""

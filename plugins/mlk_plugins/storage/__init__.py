@@ -1,0 +1,1 @@
+"""Builtin storage: local folders."""

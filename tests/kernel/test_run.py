@@ -1,0 +1,153 @@
+"""End-to-end runs through the real CLI: search, record, reuse, resume after SIGKILL, reproduce."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import mlk
+
+
+def _runs(workdir: Path) -> list[dict]:
+    proc = mlk("runs", "list", "--json", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_run_records_trials_best_and_checkpoints(workdir: Path, quad_spec: Path) -> None:
+    proc = mlk("run", "+spec=quad", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    assert "best trial" in proc.stdout and "checkpoint: file://" in proc.stdout
+    assert "search: 6 done" in proc.stderr
+    (run,) = _runs(workdir)
+    assert run["status"] == "completed"
+    show = json.loads(mlk("runs", "show", run["id"], "--json", cwd=workdir).stdout)
+    assert len(show["trials"]) == 6 and all(t["status"] == "completed" for t in show["trials"])
+    best = min(show["trials"], key=lambda t: t["value"])
+    assert show["summary"]["best_trial"] == best["trial_id"]
+    ckpt = show["summary"]["checkpoint"]
+    assert Path(ckpt.removeprefix("file://"), "MANIFEST.json").is_file()
+    # retention: trial_latest=1 and trial_best=1 keep only the final checkpoint of each trial here
+    assert all(len(t["checkpoints"]) == 1 for t in show["trials"])
+    prov = show["provenance"]
+    for key in ("python", "packages", "git", "hardware", "seeds", "plugins", "data", "threads"):
+        assert key in prov
+    assert prov["packages"]["mlk-kernel"] == "0.1.0"
+    assert len(prov["data"]["fingerprint"]) == 64
+    text = mlk("runs", "show", run["id"][:14], cwd=workdir)
+    assert text.returncode == 0 and "provenance" in text.stdout and "x" in text.stdout
+
+
+def test_second_run_reuses_completed_nodes(workdir: Path, quad_spec: Path) -> None:
+    assert mlk("run", "+spec=quad", cwd=workdir).returncode == 0
+    graph = mlk("graph", "+spec=quad", cwd=workdir)
+    assert graph.returncode == 0 and "reuse from quad-" in graph.stdout
+    second = mlk("run", "+spec=quad", cwd=workdir)
+    assert second.returncode == 0
+    assert "search: reused from run" in second.stderr
+    fresh = mlk("run", "+spec=quad", "--fresh", cwd=workdir)
+    assert "search: 6 done" in fresh.stderr
+    changed = mlk("graph", "+spec=quad", "searcher.max_trials=7", cwd=workdir)
+    assert "search     [search]" in changed.stdout and "to run" in changed.stdout
+
+
+def test_graph_runs_nothing(workdir: Path, quad_spec: Path) -> None:
+    proc = mlk("graph", "+spec=quad", "--json", cwd=workdir)
+    assert proc.returncode == 0
+    nodes = json.loads(proc.stdout)["nodes"]
+    assert [n["id"] for n in nodes] == ["data", "search", "select"]
+    assert nodes[1]["inputs"] == ["data"]
+    assert not (workdir / ".mlk" / "store").exists()
+
+
+def _metric_rows(home: Path) -> list[tuple]:
+    db = sqlite3.connect(home / "mlk.db")
+    try:
+        return db.execute("SELECT trial_id, resource, metrics_json, time FROM metrics ORDER BY trial_id, resource"
+                          ).fetchall()
+    finally:
+        db.close()
+
+
+def test_sigkill_mid_search_resumes_without_redoing_work(workdir: Path, quad_spec: Path) -> None:
+    env = {**os.environ, "MLK_TEST_EPOCH_SECONDS": "0.4"}
+    driver = subprocess.Popen([sys.executable, "-m", "mlk", "run", "+spec=quad", "-q"], cwd=workdir, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    home = workdir / ".mlk"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (home / "mlk.db").exists():
+            rows = _metric_rows(home)
+            done = {t for t, r, *_ in rows if r == 3}
+            if len(done) >= 2 and len(rows) > 6:
+                break
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    before = {(t, r): (m, ts) for t, r, m, ts in _metric_rows(home)}
+    time.sleep(1.5)  # orphaned workers notice their parent is gone and stop after the epoch
+    before = {(t, r): (m, ts) for t, r, m, ts in _metric_rows(home)}
+    resumed = mlk("run", "+spec=quad", cwd=workdir, env={"MLK_TEST_EPOCH_SECONDS": "0"})
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming quad-" in resumed.stderr
+    after = {(t, r): (m, ts) for t, r, m, ts in _metric_rows(home)}
+    # nothing reported before the kill was computed again: same values, same timestamps
+    for key, value in before.items():
+        assert after[key] == value, f"trial {key[0]} epoch {key[1]} was recomputed"
+    assert len(after) == 18
+    (run,) = _runs(workdir)
+    assert run["status"] == "completed"
+    # and the resumed search ends exactly where an uninterrupted one does
+    other = workdir / "other"
+    other.mkdir()
+    (other / "specs").mkdir()
+    (other / "specs" / "quad.yaml").write_text(quad_spec.read_text())
+    assert mlk("run", "+spec=quad", cwd=other, env={"MLK_HOME": str(other / ".mlk")}).returncode == 0
+    straight = {(t, r): m for t, r, m, _ in _metric_rows(other / ".mlk")}
+    assert {k: v[0] for k, v in after.items()} == straight
+
+
+def test_reproduce_reports_identical_results(workdir: Path, quad_spec: Path) -> None:
+    assert mlk("run", "+spec=quad", cwd=workdir).returncode == 0
+    (run,) = _runs(workdir)
+    proc = mlk("reproduce", run["id"], cwd=workdir)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "results identical: all 18 trial reports match" in proc.stdout
+    assert len(_runs(workdir)) == 2
+
+
+def test_reproduce_reports_differences(workdir: Path, quad_spec: Path) -> None:
+    assert mlk("run", "+spec=quad", cwd=workdir).returncode == 0
+    (run,) = _runs(workdir)
+    db = sqlite3.connect(workdir / ".mlk" / "mlk.db")
+    db.execute("UPDATE metrics SET metrics_json = json_set(metrics_json, '$.loss', 123.0) WHERE trial_id = 2"
+               " AND resource = 3")
+    db.commit()
+    db.close()
+    proc = mlk("reproduce", run["id"], cwd=workdir)
+    assert proc.returncode == 1
+    assert "results differ: 1 report(s) differ" in proc.stdout and "trial 2 epoch 3: loss 123.0 ->" in proc.stdout
+
+
+def test_failing_trials_are_retried_then_recorded(workdir: Path, quad_spec: Path) -> None:
+    proc = mlk("run", "+spec=quad", "framework.function=tests.kernel.trials:crash", "searcher.max_trials=2",
+               cwd=workdir)
+    assert proc.returncode != 0
+    assert "this trial always crashes" in proc.stderr
+    show = json.loads(mlk("runs", "show", _runs(workdir)[0]["id"], "--json", cwd=workdir).stdout)
+    assert [t["status"] for t in show["trials"]] == ["failed", "failed"]
+    assert "RuntimeError: this trial always crashes" in show["trials"][0]["error"]
+
+
+def test_worker_death_is_retried_from_checkpoint(workdir: Path, quad_spec: Path) -> None:
+    proc = mlk("run", "+spec=quad", "framework.function=tests.kernel.trials:crash_once", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    assert "trial 2 failed, retrying from its checkpoint" in proc.stderr
+    rows = _metric_rows(workdir / ".mlk")
+    assert len(rows) == 18
