@@ -48,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     overrides(spec_sub.add_parser("show", help="the resolved, validated spec as YAML"))
     spec_sub.add_parser("schema", help="JSON schema of a spec, plugin sections included")
     spec_sub.add_parser("list", help="names of the specs that +spec= finds, and where")
+    spec_sub.add_parser("reference", help="Markdown reference of every spec key, installed plugins included")
 
     plugins = sub.add_parser("plugins", help="installed plugins")
     pl_sub = plugins.add_subparsers(dest="plugins_command", metavar="ACTION", required=True)
@@ -173,6 +174,12 @@ def _spec(args: argparse.Namespace) -> int:
         from mlk.spec import spec_schema
 
         print(json.dumps(spec_schema(), indent=2))
+        return 0
+    if args.spec_command == "reference":
+        from mlk.reference import spec_reference_markdown
+        from mlk.registry import registry
+
+        print(spec_reference_markdown(registry()), end="")
         return 0
     if args.spec_command == "list":
         from mlk.spec import spec_dirs

@@ -30,7 +30,7 @@ class Const(_HP):
     """A fixed value, still recorded with every trial."""
 
     type: Literal["const"]
-    val: Any
+    val: Any = Field(description="the value")
 
     def sample(self, rng: random.Random) -> Any:
         return self.val
@@ -46,8 +46,8 @@ class Const(_HP):
 
 
 class _Range(_HP):
-    minval: float
-    maxval: float
+    minval: float = Field(description="low end (an exponent of base for log)")
+    maxval: float = Field(description="high end, above minval (an exponent of base for log)")
     count: int | None = Field(None, ge=1, description="grid points along this axis (grid search)")
 
     @model_validator(mode="after")
@@ -68,8 +68,8 @@ class Int(_Range):
     """A uniform integer in [minval, maxval], both included."""
 
     type: Literal["int"]
-    minval: int  # type: ignore[assignment]
-    maxval: int  # type: ignore[assignment]
+    minval: int = Field(description="low end, included")  # type: ignore[assignment]
+    maxval: int = Field(description="high end, included")  # type: ignore[assignment]
 
     def sample(self, rng: random.Random) -> int:
         return rng.randint(self.minval, self.maxval)
@@ -107,7 +107,7 @@ class Log(_Range):
     """``base ** U(minval, maxval)``: minval and maxval are exponents."""
 
     type: Literal["log"]
-    base: float = Field(10.0, gt=1.0)
+    base: float = Field(10.0, gt=1.0, description="the base of the exponents")
 
     def sample(self, rng: random.Random) -> float:
         return float(self.base ** rng.uniform(self.minval, self.maxval))
@@ -126,7 +126,7 @@ class Categorical(_HP):
     """One of ``vals``, uniformly."""
 
     type: Literal["categorical"]
-    vals: list[Any] = Field(min_length=1)
+    vals: list[Any] = Field(min_length=1, description="the choices")
 
     def sample(self, rng: random.Random) -> Any:
         return rng.choice(self.vals)

@@ -130,10 +130,11 @@ class PluginEntry:
         return "ok", ""
 
 
-def _discover() -> tuple[dict[str, dict[str, PluginEntry]], list[str]]:
+def _discover() -> tuple[dict[str, dict[str, PluginEntry]], list[str], list[PluginEntry]]:
     autoload = not os.environ.get("MLK_DISABLE_PLUGIN_AUTOLOAD")
     groups: dict[str, dict[str, PluginEntry]] = {g: {} for g in GROUPS}
     problems: list[str] = []
+    dupes: list[PluginEntry] = []
     seen: set[tuple[str, str, str]] = set()
     for dist in md.distributions():
         dist_name = dist.metadata["Name"] or "?"
@@ -153,20 +154,22 @@ def _discover() -> tuple[dict[str, dict[str, PluginEntry]], list[str]]:
             entry = PluginEntry(group, ep.name, ep.value, dist_name, dist.version)
             other = groups[group].get(ep.name)
             if other is not None:
-                problems.append(
-                    f"duplicate plugin name '{ep.name}' in group mlk.{group}: {other.value} "
-                    f"(distribution {other.distribution}) and {ep.value} (distribution {dist_name})"
-                )
+                message = (f"duplicate plugin name '{ep.name}' in group mlk.{group}: {other.value} "
+                           f"(distribution {other.distribution}) and {ep.value} (distribution {dist_name}); "
+                           "uninstall one of them")
+                problems.append(message)
+                other._error = entry._error = message
+                dupes.append(entry)
                 continue
             groups[group][ep.name] = entry
-    return groups, problems
+    return groups, problems, dupes
 
 
 class Registry:
     """The plugins installed in this environment and the hook manager."""
 
     def __init__(self) -> None:
-        self.groups, self.problems = _discover()
+        self.groups, self.problems, self.duplicates = _discover()
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.allow: list[str] | None = None
@@ -179,7 +182,9 @@ class Registry:
 
     def entries(self, group: str | None = None) -> list[PluginEntry]:
         groups = [group] if group else list(GROUPS)
-        return [e for g in groups for e in sorted(self.groups[g].values(), key=lambda e: e.name)]
+        return [e for g in groups
+                for e in sorted([*self.groups[g].values(), *(d for d in self.duplicates if d.group == g)],
+                                key=lambda e: (e.name, e.distribution))]
 
     def names(self, group: str) -> list[str]:
         return sorted(n for n, e in self.groups[group].items() if self.allowed(e))
@@ -212,8 +217,14 @@ class Registry:
         if not self._hooks_loaded:
             self._hooks_loaded = True
             for entry in self.entries("hooks"):
-                if self.allowed(entry):
+                if not self.allowed(entry):
+                    continue
+                try:
                     self.pm.register(entry.load(), name=entry.key)
+                except PluginError as e:  # a broken tracker must not stop the work it watches
+                    if entry.distribution == DISTRIBUTION:
+                        raise
+                    sys.stderr.write(f"mlk: warning: {e}; its hooks are not called\n")
         return self.pm.hook
 
     def register(self, plugin: Any, name: str | None = None) -> None:

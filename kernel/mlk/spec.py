@@ -69,8 +69,9 @@ class TopLevel(BaseModel):
     resources: dict[str, Any] = Field(default_factory=dict, description="backend and concurrency")
     storage: dict[str, Any] = Field(default_factory=lambda: {"name": "local"},
                                     description="checkpoint store (a plugin of mlk.storage) and retention")
-    reproducibility: ReproducibilityConfig = Field(default_factory=ReproducibilityConfig)
-    plugins: PluginsPolicy = Field(default_factory=PluginsPolicy)
+    reproducibility: ReproducibilityConfig = Field(default_factory=ReproducibilityConfig,
+                                                   description="bit-exact reproducibility switches")
+    plugins: PluginsPolicy = Field(default_factory=PluginsPolicy, description="which plugins may load")
     compile: list[dict[str, Any]] = Field(default_factory=list, description="compile steps (later stages)")
     deploy: list[dict[str, Any]] = Field(default_factory=list, description="deploy targets (later stages)")
 

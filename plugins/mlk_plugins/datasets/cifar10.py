@@ -175,14 +175,16 @@ def download(dest: Path, root: Path) -> Path:
     part = dest.with_name(dest.name + ".part")
     digest = hashlib.md5(usedforsecurity=False)
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with urllib.request.urlopen(url, timeout=TIMEOUT) as response, open(part, "wb") as out:
-            progress = _Progress(url, dest, int(response.headers.get("Content-Length") or 0))
-            while block := response.read(1 << 20):
-                out.write(block)
-                digest.update(block)
-                progress.advance(len(block))
-            progress.done()
+        with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+            # The folder is made only once the server answers, so a failed attempt leaves nothing.
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with open(part, "wb") as out:
+                progress = _Progress(url, dest, int(response.headers.get("Content-Length") or 0))
+                while block := response.read(1 << 20):
+                    out.write(block)
+                    digest.update(block)
+                    progress.advance(len(block))
+                progress.done()
     except (OSError, http.client.HTTPException, ValueError) as e:
         part.unlink(missing_ok=True)
         raise missing_error(root, reason=f"{url}: {e}", download=True) from None

@@ -221,11 +221,7 @@ class TorchTrial:
         ctx = self.ctx
         self.setup()
         start = self.restore()
-        if start >= ctx.target:
-            # Already there (e.g. a retry after the checkpoint was saved): report where it stands.
-            self.epoch = start
-            ctx.report(start, self.evaluate_split("val"))
-            return
+        # A retry of a trial already at its target trains nothing; the kernel keeps its last report.
         for epoch in range(start + 1, ctx.target + 1):
             metrics = {"train_loss": self.train_epoch(epoch), **self.evaluate_split("val")}
             ctx.report(epoch, metrics)
