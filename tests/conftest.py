@@ -58,3 +58,7 @@ def quad_spec(workdir: Path) -> Path:
     path = workdir / "specs" / "quad.yaml"
     path.write_text(QUAD_SPEC)
     return path
+
+
+# The example third-party distribution's own tests run (installed) from test_thirdparty.py.
+collect_ignore = ["thirdparty"]

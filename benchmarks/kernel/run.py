@@ -384,8 +384,8 @@ def bench_ray(default_trials: int = 150, reuse_trials: int = 500, timeout: float
     """Ray Tune in a child process (see ``ray_child``); everything Ray starts is stopped afterwards."""
     tmp = tempfile.mkdtemp(prefix="mlkrb-", dir=_short_tmp())
     # HOME too: ray.init writes a new cluster's auth token to ~/.ray/auth_token, which must not outlive us.
-    env = with_pythonpath({**os.environ, "RAY_TMPDIR": tmp, "HOME": tmp, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-                           "RAY_USAGE_STATS_ENABLED": "0"})
+    env = with_pythonpath({**os.environ, "RAY_TMPDIR": tmp, "HOME": tmp,
+                           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"})
     default_address_file = Path("/tmp/ray/ray_current_cluster")
     address_file_existed = default_address_file.exists()
     cmd = [sys.executable, "-m", "benchmarks.kernel.ray_child", f"default={default_trials}",
@@ -470,7 +470,17 @@ def machine() -> dict[str, Any]:
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[dist] = metadata.version(dist)
     return {"cpu": cpu, "cores": cores, "python": platform.python_version(), "platform": platform.platform(),
-            "versions": versions}
+            "versions": versions, "git": git_state()}
+
+
+def git_state() -> dict[str, Any]:
+    """The commit measured, and whether the kernel or plugins differed from it."""
+    def git(*args: str) -> str:
+        proc = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+
+    dirty = git("status", "--porcelain", "--", "kernel", "plugins")
+    return {"commit": git("rev-parse", "HEAD") or None, "kernel_or_plugins_modified": bool(dirty)}
 
 
 def _ms(seconds: float) -> str:

@@ -21,6 +21,8 @@ class Framework(Plugin):
     """Base class of framework plugins."""
 
     Config: ClassVar[type[FrameworkConfig]] = FrameworkConfig
+    #: The most workers one trial can use (``resources.slots_per_trial``); 1: no data parallelism.
+    max_slots: ClassVar[int] = 1
 
     def __init__(self, config: FrameworkConfig) -> None:
         self.config = config

@@ -40,6 +40,7 @@ def mlk_graph_nodes(spec: Spec) -> list[Node]:
     Returns:
         Nodes to add (possibly empty). Not firstresult: all results are combined.
     """
+    raise NotImplementedError
 
 
 @hookspec(firstresult=True)

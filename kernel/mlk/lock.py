@@ -39,6 +39,7 @@ def enforce_lock(reg: Any, path: Path) -> None:
     for key in sorted(set(wanted) | set(have)):
         w, h = wanted.get(key), have.get(key)
         if h is None:
+            assert w is not None
             diffs.append(f"missing: {key} ({w['distribution']} {w['version']}) is locked but not installed")
         elif w is None:
             diffs.append(f"extra: {key} ({h['distribution']} {h['version']}) is installed but not in the lock")

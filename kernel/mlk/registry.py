@@ -94,8 +94,9 @@ class PluginEntry:
         if not (isinstance(obj, type) and issubclass(obj, base)):
             self._error = f"{self.value} is not a subclass of {_BASES[self.group].replace(':', '.')}"
             raise PluginError(self.group, self.name, self.distribution, self._error)
-        if obj.name != self.name:
-            self._error = f"{self.value} declares name '{obj.name}' but is registered as '{self.name}'"
+        declared = getattr(obj, "name", None)
+        if declared != self.name:
+            self._error = f"{self.value} declares name '{declared}' but is registered as '{self.name}'"
             raise PluginError(self.group, self.name, self.distribution, self._error)
 
     def content_hash(self) -> str:
@@ -190,7 +191,7 @@ class Registry:
         return sorted(n for n, e in self.groups[group].items() if self.allowed(e))
 
     def allowed(self, entry: PluginEntry) -> bool:
-        if self.allow is None or entry.distribution == DISTRIBUTION and entry.group in ("hooks", "specs"):
+        if self.allow is None or (entry.distribution == DISTRIBUTION and entry.group in ("hooks", "specs")):
             return True
         return any(fnmatch.fnmatch(entry.key, pattern) for pattern in self.allow)
 
@@ -235,7 +236,7 @@ class Registry:
 
     def spec_dirs(self) -> list[Path]:
         """Folders of spec files contributed through ``mlk.specs`` (each value a package)."""
-        out = []
+        out: list[Path] = []
         for entry in self.entries("specs"):
             if not self.allowed(entry):
                 continue

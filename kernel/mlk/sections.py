@@ -78,4 +78,4 @@ class StorageConfig(SectionConfig):
     """``storage:``: where checkpoints and artifacts live, and how many are kept."""
 
     name: str = Field("local", description="which plugin of the mlk.storage group stores files")
-    keep: KeepConfig = Field(default_factory=KeepConfig)
+    keep: KeepConfig = Field(default_factory=lambda: KeepConfig())

@@ -4,8 +4,9 @@ plugin its own section.
 A spec named NAME is the file ``NAME.yaml`` found first in: ``./specs`` of the working
 directory, each folder of ``MLK_SPEC_PATH`` (``os.pathsep``-separated), the packages of the
 ``mlk.specs`` entry-point group, then mlk's builtin specs. ``+spec=NAME`` (or a path to a YAML
-file) picks it; every other argument is a Hydra override (``searcher.max_trials=8``,
-``+data.subset=100``). Spec files may extend others with a Hydra defaults list.
+file) picks it; every other argument is a Hydra override (``searcher.max_trials=8``). A plain
+``key=value`` sets the key whether or not the file mentions it (validation rejects keys that do
+not exist); ``+key=value`` and ``~key`` keep Hydra's meaning. Spec files may extend others with a Hydra defaults list.
 
 Values may refer to the trial's hyperparameters as ``${hp.NAME}`` in the ``framework``, ``data``
 and ``model`` sections; those are bound per trial (:func:`bind_hparams`). Plugin sections are
@@ -31,6 +32,7 @@ from mlk.sections import ResourcesConfig, SearcherConfig, StorageConfig
 
 HP_PATTERN = re.compile(r"\$\{hp\.([A-Za-z_][\w]*)\}")
 BOUND_SECTIONS = ("framework", "data", "model")
+PLAIN_KEY = re.compile(r"^[A-Za-z_][\w.]*$")
 
 
 class PluginsPolicy(BaseModel):
@@ -69,9 +71,9 @@ class TopLevel(BaseModel):
     resources: dict[str, Any] = Field(default_factory=dict, description="backend and concurrency")
     storage: dict[str, Any] = Field(default_factory=lambda: {"name": "local"},
                                     description="checkpoint store (a plugin of mlk.storage) and retention")
-    reproducibility: ReproducibilityConfig = Field(default_factory=ReproducibilityConfig,
+    reproducibility: ReproducibilityConfig = Field(default_factory=lambda: ReproducibilityConfig(),
                                                    description="bit-exact reproducibility switches")
-    plugins: PluginsPolicy = Field(default_factory=PluginsPolicy, description="which plugins may load")
+    plugins: PluginsPolicy = Field(default_factory=lambda: PluginsPolicy(), description="which plugins may load")
     compile: list[dict[str, Any]] = Field(default_factory=list, description="compile steps (later stages)")
     deploy: list[dict[str, Any]] = Field(default_factory=list, description="deploy targets (later stages)")
 
@@ -138,6 +140,10 @@ def split_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
         key, eq, value = arg.partition("=")
         if eq and key.lstrip("+~") == "spec":
             name = value
+        elif eq and PLAIN_KEY.match(key) and not key.startswith("hydra."):
+            # `a.b=c` may set a key the file leaves at its default: validation, not Hydra, rejects
+            # keys that do not exist (with the valid keys and a did-you-mean).
+            rest.append("++" + arg)
         else:
             rest.append(arg)
     return name, rest
@@ -196,7 +202,7 @@ def compose(args: Sequence[str]) -> tuple[Path, dict[str, Any]]:
     assert isinstance(data, dict)
     data.pop("hp", None)
     data.pop("hydra", None)
-    return path, data
+    return path, {str(k): v for k, v in data.items()}
 
 
 # -- binding hyperparameters ---------------------------------------------------------------------
@@ -215,7 +221,8 @@ def bind_hparams(section: Any, hparams: dict[str, Any], where: str) -> Any:
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.create({"hp": hparams, "section": section})
-    return OmegaConf.to_container(cfg, resolve=True)["section"]  # type: ignore[index]
+    bound: Any = OmegaConf.to_container(cfg, resolve=True)
+    return bound["section"]
 
 
 def _restore_templates(validated: Any, original: Any) -> Any:
@@ -318,7 +325,7 @@ def validate_spec(raw: dict[str, Any], path: Path) -> Spec:
 
     data = top.model_dump(by_alias=True, mode="json")
     try:
-        _, data["framework"] = _check_plugin_section(reg, "frameworks", top.framework, "framework", probe)
+        framework, data["framework"] = _check_plugin_section(reg, "frameworks", top.framework, "framework", probe)
         _, data["data"] = _check_plugin_section(reg, "datasets", top.data, "data", probe)
         data["model"] = _check_model(reg, top.model, probe)
         searcher, data["searcher"] = _check_plugin_section(reg, "searchers", top.searcher, "searcher", probe)
@@ -326,6 +333,11 @@ def validate_spec(raw: dict[str, Any], path: Path) -> Spec:
         backend_cls = reg.get("backends", resources_raw["backend"], where="resources.backend")
         resources = validate_section(backend_cls.Config, resources_raw, "resources")
         data["resources"] = resources.model_dump(mode="json")
+        fw_cls = reg.get("frameworks", framework.name, where="framework.name")
+        if resources.slots_per_trial > fw_cls.max_slots:
+            raise UserError(f"framework '{framework.name}' runs a trial on at most {fw_cls.max_slots} worker(s); "
+                            f"slots_per_trial={resources.slots_per_trial} is not supported by it",
+                            where="resources.slots_per_trial")
         storage, data["storage"] = _check_plugin_section(reg, "storage", {"name": "local", **top.storage},
                                                          "storage", probe)
         reg.get("searchers", searcher.name, where="searcher.name").check_space(searcher, space)
@@ -370,7 +382,7 @@ def spec_schema() -> dict[str, Any]:
             except Exception:
                 continue  # a broken plugin is reported by `mlk plugins list`, not here
             members.append(create_model(f"{group}_{entry.name}", __base__=cls.Config,
-                                        name=(Literal[entry.name], ...)))  # type: ignore[call-overload]
+                                        name=(Literal[entry.name], ...)))  # type: ignore[call-overload,arg-type]
         if not members:
             return dict[str, Any]
         if len(members) == 1:

@@ -57,7 +57,7 @@ def test_misspelled_top_level_key(workdir: Path, quad_spec: Path) -> None:
 
 
 def test_misspelled_plugin_key_names_path_and_choices(workdir: Path, quad_spec: Path) -> None:
-    msg = _error(["+spec=quad", "+searcher.max_trails=3"])
+    msg = _error(["+spec=quad", "searcher.max_trails=3"])
     assert "searcher.max_trails: unknown key" in msg and "did you mean 'max_trials'" in msg
 
 
@@ -98,9 +98,15 @@ def test_no_spec_given(workdir: Path) -> None:
     assert "+spec=NAME" in _error([])
 
 
+def test_plain_override_sets_defaulted_keys_and_rejects_unknown_ones(workdir: Path, quad_spec: Path) -> None:
+    assert load_spec(["+spec=quad", "resources.max_restarts=3"])["resources"]["max_restarts"] == 3
+    msg = _error(["+spec=quad", "searcher.max_trails=1"])
+    assert "searcher.max_trails: unknown key" in msg and "did you mean 'max_trials'" in msg
+
+
 def test_hydra_override_grammar_error_teaches(workdir: Path, quad_spec: Path) -> None:
-    msg = _error(["+spec=quad", "searcher.nope=1"])
-    assert "+searcher.nope=1" in msg
+    msg = _error(["+spec=quad", "+seed=4"])
+    assert "seed" in msg and "overrides look like" in msg
 
 
 def test_cli_user_error_is_one_message_exit_2(workdir: Path, quad_spec: Path) -> None:
@@ -113,7 +119,7 @@ def test_cli_user_error_is_one_message_exit_2(workdir: Path, quad_spec: Path) ->
 
 
 def test_missing_dataset_is_a_user_error(workdir: Path) -> None:
-    proc = mlk("run", "+spec=cifar_random", f"data.path={workdir}/nowhere", "+data.download=false", cwd=workdir)
+    proc = mlk("run", "+spec=cifar_random", f"data.path={workdir}/nowhere", "data.download=false", cwd=workdir)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and "nowhere" in proc.stderr
 
@@ -127,3 +133,8 @@ def test_schema_includes_plugin_sections(workdir: Path) -> None:
     text = json.dumps(schema)
     for field in ("max_trials", "max_concurrent_trials", "trial_best", "batch_size", "function", "deterministic"):
         assert field in text
+
+
+def test_slots_beyond_the_framework_are_refused(workdir: Path, quad_spec: Path) -> None:
+    msg = _error(["+spec=quad", "resources.slots_per_trial=2"])
+    assert "resources.slots_per_trial" in msg and "framework 'python'" in msg

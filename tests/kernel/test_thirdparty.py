@@ -102,7 +102,7 @@ def test_lock_pins_the_plugin_set(workdir: Path, installed: Path) -> None:
 
 def test_allow_list_limits_what_loads(workdir: Path, installed: Path) -> None:
     env = _env(installed)
-    proc = mlk("run", "+spec=example_sweep", "+plugins.allow=[searchers/random,storage/*,frameworks/*,datasets/*,"
+    proc = mlk("run", "+spec=example_sweep", "plugins.allow=[searchers/random,storage/*,frameworks/*,datasets/*,"
                "models/*,backends/*]", cwd=workdir, env=env)
     assert proc.returncode == 2
     assert "plugin searchers/sweep is not allowed by plugins.allow" in proc.stderr

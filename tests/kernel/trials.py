@@ -46,8 +46,7 @@ def crash_once(ctx: TrialContext) -> None:
     """Dies hard (os._exit) the first time trial 2 reaches epoch 2, then behaves."""
     marker = ctx.store.home / f"crashed-{ctx.trial_id}"
     if ctx.trial_id == 2 and not marker.exists():
-        quadratic_until = 1
-        ctx.target, target = quadratic_until, ctx.target
+        ctx.target = 1  # train one epoch (checkpointed), then die as a killed worker would
         quadratic(ctx)
         marker.write_text("x")
         os._exit(13)

@@ -45,7 +45,7 @@ class SearcherContract:
         cls.check_space(cfg, space)
         return cls(cfg, space, seed)
 
-    def drive(self, searcher: Searcher, fail: set[int] = frozenset(), steps: int | None = None,
+    def drive(self, searcher: Searcher, fail: frozenset[int] | set[int] = frozenset(), steps: int | None = None,
               concurrency: int = 3) -> list[TrialRequest]:
         """Run the ask/tell loop with up to ``concurrency`` requests in flight, results in random order."""
         asked: list[TrialRequest] = []
