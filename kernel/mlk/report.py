@@ -42,6 +42,7 @@ def run_details(store: RunStore, run_id: str) -> dict[str, Any]:
                                      "error")} for n in store.nodes(rid)],
         "search_run": source,
         "trials": trials,
+        "framework_flags": next((e["payload"] for e in store.events(source) if e["kind"] == "framework_flags"), None),
     }
 
 
@@ -131,6 +132,9 @@ def show_run(run_id: str, as_json: bool = False) -> int:
                       highlight=False)
         con.print(f"  plugins {', '.join(x['plugin'] + ' ' + x['version'] for x in p.get('plugins', []))}",
                   highlight=False)
+        if d["framework_flags"]:
+            ff = d["framework_flags"]
+            con.print(f"  {ff['framework']} flags {json.dumps(ff['flags'])}", highlight=False)
         con.print(f"  packages: {len(p.get('packages', {}))} recorded (`mlk runs show {d['id']} --json`)",
                   highlight=False)
     return 0

@@ -177,32 +177,55 @@ def compose(args: Sequence[str]) -> tuple[Path, dict[str, Any]]:
         raise UserError("no spec chosen", where="command line", choices=available_specs(),
                         hint="pick one with +spec=NAME, e.g. `mlk run +spec=digits_random`")
     path = find_spec_file(name)
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     others = [d for d in spec_dirs() if d != path.parent]
     search = [f"hydra.searchpath=[{','.join(_quote(d) for d in others)}]"] if others else []
+    # `${hp.NAME}` must resolve during composition too (an override may delete or copy such a
+    # value): each NAME is given a node holding the escaped text, which resolves to itself.
+    names = set(HP_PATTERN.findall(path.read_text() + " ".join(overrides)))
     try:
-        with initialize_config_dir(config_dir=str(path.parent), version_base="1.3"):
-            cfg = hydra_compose(path.stem, overrides=[*search, *overrides])
+        try:
+            cfg = _hydra_compose(path, [*search, *overrides], names)
+        except (HydraException, OmegaConfBaseException) as e:
+            if not _mentions_hp(e):
+                raise
+            # A ${hp.*} reference from a file the defaults list pulled in: learn the names, retry.
+            names |= set(HP_PATTERN.findall(OmegaConf.to_yaml(_hydra_compose(path, search, names))))
+            cfg = _hydra_compose(path, [*search, *overrides], names)
         OmegaConf.set_struct(cfg, False)
-        names = set()
         for section in BOUND_SECTIONS:
             if section in cfg:
                 names |= set(HP_PATTERN.findall(OmegaConf.to_yaml(cfg[section])))
-        # Escaped, so resolving leaves the literal `${hp.NAME}` for the trial to bind.
         cfg["hp"] = {n: "\\${hp." + n + "}" for n in names}
         data = OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as e:
-        raise UserError(str(e).strip(), where=str(path),
+        cause = f" ({e.__cause__})" if e.__cause__ is not None else ""
+        raise UserError(str(e).strip() + cause, where=str(path),
                         hint="overrides look like key=value, +new_key=value to add, ~key to delete") from e
     assert isinstance(data, dict)
     data.pop("hp", None)
     data.pop("hydra", None)
     return path, {str(k): v for k, v in data.items()}
+
+
+def _hydra_compose(path: Path, overrides: list[str], hp_names: set[str]) -> Any:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    pre = [f"++hp.{n}='\\${{hp.{n}}}'" for n in sorted(hp_names)]
+    with initialize_config_dir(config_dir=str(path.parent), version_base="1.3"):
+        return hydra_compose(path.stem, overrides=[*pre, *overrides])
+
+
+def _mentions_hp(e: BaseException | None) -> bool:
+    while e is not None:
+        if "hp" in str(e) and "nterpolation" in f"{type(e).__name__} {e}":
+            return True
+        e = e.__cause__
+    return False
 
 
 # -- binding hyperparameters ---------------------------------------------------------------------

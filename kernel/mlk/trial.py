@@ -9,6 +9,7 @@ framework plugin, which owns the training loop.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import shutil
 import signal
@@ -232,7 +233,11 @@ def build_model(reg: Any, model: dict[str, Any], framework: str, meta: dict[str,
         from mlk.imports import import_object
 
         factory = import_object(model["_target_"], where="model._target_")
-        return factory(**options)
+        try:
+            wants_meta = "meta" in inspect.signature(factory).parameters
+        except (TypeError, ValueError):
+            wants_meta = False
+        return factory(**options, meta=meta) if wants_meta else factory(**options)
     cls = reg.get("models", model["name"], where="model.name")
     cls.ensure_available()
     plugin = cls(validate_section(cls.Config, options, "model"))
@@ -263,6 +268,10 @@ def run_trial(task: TrialTask) -> TrialResult:
             framework.train(ctx)
         finally:
             signal.signal(signal.SIGTERM, previous)
+        flags = framework.determinism(ctx.deterministic)  # idempotent: reads back what training used
+        if flags:
+            store.add_event(task.run_id, "framework_flags", {"trial_id": task.trial_id,
+                                                             "framework": fw_cls.name, "flags": flags})
         if not ctx.last_metrics:
             # Nothing left to train (the trial already reached its target before a restart): its
             # result is what it reported then.

@@ -21,6 +21,8 @@ def test_digits_random_trains_selects_and_reproduces(workdir: Path) -> None:
     best = show["summary"]["best_metrics"]
     assert best["val_accuracy"] > 0.85, best  # 10 classes: chance is 0.1
     assert {"train_loss", "val_loss", "val_accuracy"} <= set(best)
+    flags = show["framework_flags"]["flags"]
+    assert flags["torch.use_deterministic_algorithms"] is True and flags["torch.num_threads"] == 1
     ckpt = Path(show["summary"]["checkpoint"].removeprefix("file://"))
     assert (ckpt / "model.safetensors").is_file() and (ckpt / "MANIFEST.json").is_file()
     rep = mlk("reproduce", run_id, cwd=workdir)

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import mlk
 
 
@@ -75,7 +77,8 @@ def _metric_rows(home: Path) -> list[tuple]:
         db.close()
 
 
-def test_sigkill_mid_search_resumes_without_redoing_work(workdir: Path, quad_spec: Path) -> None:
+@pytest.mark.parametrize("how", ["same command", "runs resume"])
+def test_sigkill_mid_search_resumes_without_redoing_work(workdir: Path, quad_spec: Path, how: str) -> None:
     env = {**os.environ, "MLK_TEST_EPOCH_SECONDS": "0.4"}
     driver = subprocess.Popen([sys.executable, "-m", "mlk", "run", "+spec=quad", "-q"], cwd=workdir, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -90,10 +93,14 @@ def test_sigkill_mid_search_resumes_without_redoing_work(workdir: Path, quad_spe
         time.sleep(0.1)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    before = {(t, r): (m, ts) for t, r, m, ts in _metric_rows(home)}
     time.sleep(1.5)  # orphaned workers notice their parent is gone and stop after the epoch
     before = {(t, r): (m, ts) for t, r, m, ts in _metric_rows(home)}
-    resumed = mlk("run", "+spec=quad", cwd=workdir, env={"MLK_TEST_EPOCH_SECONDS": "0"})
+    if how == "same command":
+        resumed = mlk("run", "+spec=quad", cwd=workdir, env={"MLK_TEST_EPOCH_SECONDS": "0"})
+    else:
+        (killed,) = _runs(workdir)
+        assert killed["status"] == "running"  # what the record says of a driver that was SIGKILLed
+        resumed = mlk("runs", "resume", killed["id"], cwd=workdir, env={"MLK_TEST_EPOCH_SECONDS": "0"})
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming quad-" in resumed.stderr
     after = {(t, r): (m, ts) for t, r, m, ts in _metric_rows(home)}
@@ -151,3 +158,13 @@ def test_worker_death_is_retried_from_checkpoint(workdir: Path, quad_spec: Path)
     assert "trial 2 failed, retrying from its checkpoint" in proc.stderr
     rows = _metric_rows(workdir / ".mlk")
     assert len(rows) == 18
+
+
+def test_model_target_builds_a_user_model_with_hparams(workdir: Path) -> None:
+    proc = mlk("run", "+spec=digits_random", "~model.name", "~model.dropout", "+model._target_=tests.kernel.models:tiny_mlp",
+               "searcher.max_trials=1", "searcher.max_resource=1", "resources.max_concurrent_trials=1", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    (run,) = _runs(workdir)
+    show = json.loads(mlk("runs", "show", run["id"], "--json", cwd=workdir).stdout)
+    assert show["spec"]["model"] == {"_target_": "tests.kernel.models:tiny_mlp", "hidden": "${hp.hidden}"}
+    assert show["summary"]["best_metrics"]["val_accuracy"] > 0.3

@@ -138,3 +138,11 @@ def test_schema_includes_plugin_sections(workdir: Path) -> None:
 def test_slots_beyond_the_framework_are_refused(workdir: Path, quad_spec: Path) -> None:
     msg = _error(["+spec=quad", "resources.slots_per_trial=2"])
     assert "resources.slots_per_trial" in msg and "framework 'python'" in msg
+
+
+def test_overrides_may_delete_or_copy_hyperparameter_references(workdir: Path, quad_spec: Path) -> None:
+    spec = load_spec(["+spec=digits_random", "~model.dropout", "framework.lr=${hp.lr}"])
+    assert spec["model"]["dropout"] == 0.0 and spec["framework"]["lr"] == "${hp.lr}"  # the model's default
+    (workdir / "specs" / "child.yaml").write_text("defaults:\n  - digits_random\n  - _self_\nseed: 5\n")
+    spec = load_spec(["+spec=child", "~model.hidden"])  # the reference lives in the parent file
+    assert spec["seed"] == 5 and spec["model"] == {"name": "digits_mlp", "hidden": 64, "dropout": "${hp.dropout}"}
