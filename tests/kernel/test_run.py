@@ -161,8 +161,9 @@ def test_worker_death_is_retried_from_checkpoint(workdir: Path, quad_spec: Path)
 
 
 def test_model_target_builds_a_user_model_with_hparams(workdir: Path) -> None:
-    proc = mlk("run", "+spec=digits_random", "~model.name", "~model.dropout", "+model._target_=tests.kernel.models:tiny_mlp",
-               "searcher.max_trials=1", "searcher.max_resource=1", "resources.max_concurrent_trials=1", cwd=workdir)
+    proc = mlk("run", "+spec=digits_random", "~model.name", "~model.dropout",
+               "+model._target_=tests.kernel.models:tiny_mlp", "searcher.max_trials=1", "searcher.max_resource=1",
+               "resources.max_concurrent_trials=1", cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     (run,) = _runs(workdir)
     show = json.loads(mlk("runs", "show", run["id"], "--json", cwd=workdir).stdout)
