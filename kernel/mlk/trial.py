@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -52,6 +53,28 @@ class TrialResult:
     error: str | None = None
     user_error: bool = False
     seconds: float = 0.0
+
+
+_driver_gone = threading.Event()
+_busy = threading.Event()
+
+
+def watch_driver(pid: int, interval: float = 1.0) -> None:
+    """In a worker process: when the driver ``pid`` dies, ask the running trial to stop after its
+    epoch (:meth:`TrialContext.should_stop`), then exit once no trial runs. Without this, workers
+    of a SIGKILLed driver would wait for work forever."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                _driver_gone.set()
+            if _driver_gone.is_set() and not _busy.is_set():
+                os._exit(0)
+
+    threading.Thread(target=watch, name="mlk-driver-watch", daemon=True).start()
 
 
 def derive_seed(base: int, *parts: object) -> int:
@@ -103,7 +126,6 @@ class TrialContext:
         self.last_resource = 0
         self.last_metrics: dict[str, Any] = {}
         self._stop = False
-        self._ppid = os.getppid()
         self._dataset: Any = None
 
     # -- seeds and control ------------------------------------------------------------------
@@ -112,9 +134,9 @@ class TrialContext:
         return derive_seed(self.seed, "epoch", epoch)
 
     def should_stop(self) -> bool:
-        """True once the kernel asked this trial to stop (SIGTERM), or the process that started this
-        worker is gone (the driver was killed); save and return soon."""
-        return self._stop or os.getppid() != self._ppid
+        """True once the kernel asked this trial to stop (SIGTERM), or the driver that started this
+        worker is gone (killed); save and return soon."""
+        return self._stop or _driver_gone.is_set()
 
     def request_stop(self) -> None:
         self._stop = True
@@ -250,6 +272,7 @@ def run_trial(task: TrialTask) -> TrialResult:
     """Run one trial request to completion in this process; never raises."""
     started = time.time()
     store = None
+    _busy.set()
     try:
         from mlk.registry import registry
         from mlk.spec import validate_section
@@ -287,5 +310,6 @@ def run_trial(task: TrialTask) -> TrialResult:
     except Exception:
         return TrialResult(task.trial_id, 0, error=traceback.format_exc(), seconds=time.time() - started)
     finally:
+        _busy.clear()
         if store is not None:
             store.close()

@@ -77,6 +77,19 @@ def _metric_rows(home: Path) -> list[tuple]:
         db.close()
 
 
+def _processes_in(folder: Path) -> list[int]:
+    """PIDs of live processes whose working directory is ``folder`` (this test's workers)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if Path(os.readlink(proc / "cwd")) == folder:
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
 @pytest.mark.parametrize("how", ["same command", "runs resume"])
 def test_sigkill_mid_search_resumes_without_redoing_work(workdir: Path, quad_spec: Path, how: str) -> None:
     env = {**os.environ, "MLK_TEST_EPOCH_SECONDS": "0.4"}
@@ -93,7 +106,11 @@ def test_sigkill_mid_search_resumes_without_redoing_work(workdir: Path, quad_spe
         time.sleep(0.1)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    time.sleep(1.5)  # orphaned workers notice their parent is gone and stop after the epoch
+    # the orphaned workers see the driver gone, finish their epoch and exit: nothing is left behind
+    deadline = time.time() + 30
+    while _processes_in(workdir) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _processes_in(workdir), "workers of the killed driver are still running"
     before = {(t, r): (m, ts) for t, r, m, ts in _metric_rows(home)}
     if how == "same command":
         resumed = mlk("run", "+spec=quad", cwd=workdir, env={"MLK_TEST_EPOCH_SECONDS": "0"})

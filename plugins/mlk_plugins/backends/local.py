@@ -3,12 +3,15 @@
 Workers are forked from a clean fork server, reused across trials (a framework is imported once
 per worker, not once per trial), ignore Ctrl-C (the driver handles it) and are stopped with
 SIGTERM, which asks a running trial to save and return, then SIGKILL after a grace period.
+Each worker watches the driver's PID: if the driver is killed, the running trial stops after its
+epoch and the worker exits, so nothing is left behind.
 A worker that dies turns its task into a failed result; the pool is rebuilt for the next task.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import signal
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor
@@ -21,7 +24,7 @@ from pydantic import Field
 
 from mlk.backend import Backend
 from mlk.sections import ResourcesConfig
-from mlk.trial import TrialResult, TrialTask, run_trial
+from mlk.trial import TrialResult, TrialTask, run_trial, watch_driver
 
 
 class LocalResources(ResourcesConfig):
@@ -29,8 +32,9 @@ class LocalResources(ResourcesConfig):
     stop_grace_seconds: float = Field(10.0, ge=0, description="how long a stopped trial may take to save and exit")
 
 
-def _worker_init() -> None:
+def _worker_init(driver_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    watch_driver(driver_pid)
 
 
 class LocalBackend(Backend):
@@ -55,7 +59,7 @@ class LocalBackend(Backend):
             if self.config.start_method == "forkserver":
                 ctx.set_forkserver_preload(["mlk.trial", "mlk.registry", "mlk.store"])
             self.pool = ProcessPoolExecutor(max_workers=self.config.max_concurrent_trials, mp_context=ctx,
-                                            initializer=_worker_init)
+                                            initializer=_worker_init, initargs=(os.getpid(),))
         return self.pool
 
     def start(self) -> None:
