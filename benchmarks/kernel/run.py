@@ -1,6 +1,6 @@
 """Kernel benchmarks of issue 2, side by side with the peers, in one run.
 
-    python -m benchmarks.kernel.run            # the real run (~6-8 minutes on 2 cores)
+    python -m benchmarks.kernel.run            # the real run (~5 minutes on 2 cores)
     python -m benchmarks.kernel.run --quick    # a smoke test: few repetitions, few trials
 
 Measures (1) CLI cold start of ``mlk --help`` against ``mlflow --help`` and ``ray --help``;
@@ -168,18 +168,21 @@ def bench_import(reps: int = 7, warmup: int = 1) -> dict[str, Any]:
 # -- 3. compose + validate ----------------------------------------------------------------------------
 
 
-def _timed(fn: Callable[[], Any]) -> float:
+def _timed(fn: Callable[[], Any]) -> tuple[float, float]:
+    """Wall and CPU seconds of one call of ``fn``, after a collection so earlier garbage is not billed."""
     gc.collect()
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     fn()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
-def bench_compose(reps: int = 40, spec: str = COMPOSE_SPEC) -> dict[str, Any]:
+def bench_compose(reps: int = 60, spec: str = COMPOSE_SPEC) -> dict[str, Any]:
     """``load_spec(["+spec=NAME"])`` against Hydra's initialize_config_dir + compose of the same file.
 
     In this process, after one warm-up call of each; the timed calls alternate so drift hits both
-    alike. mlk's compose and validate halves are timed too, to show where its time goes.
+    alike. mlk's compose and validate halves are timed too, to show where its time goes. The goal
+    is judged on wall time; CPU time (this process only) is recorded beside it because on a shared
+    2-core machine other processes' load shows up in wall time but not in CPU time.
     """
     from hydra import compose, initialize_config_dir
 
@@ -187,7 +190,7 @@ def bench_compose(reps: int = 40, spec: str = COMPOSE_SPEC) -> dict[str, Any]:
     from mlk.spec import find_spec_file, load_spec, validate_spec
 
     say(f"compose: first load_spec(+spec={spec}) in this process ...")
-    first = _timed(lambda: load_spec([f"+spec={spec}"]))
+    first, _ = _timed(lambda: load_spec([f"+spec={spec}"]))
     path = find_spec_file(spec)
 
     def hydra_only() -> None:
@@ -204,17 +207,24 @@ def bench_compose(reps: int = 40, spec: str = COMPOSE_SPEC) -> dict[str, Any]:
     for fn in calls.values():  # warm-up
         fn()
     samples: dict[str, list[float]] = {k: [] for k in calls}
+    cpu: dict[str, list[float]] = {k: [] for k in calls}
     say(f"compose: {len(calls)} variants x{reps}, interleaved ...")
     for i in range(reps):
         order = list(calls) if i % 2 == 0 else list(reversed(calls))
         for key in order:
-            samples[key].append(_timed(calls[key]))
+            wall, used = _timed(calls[key])
+            samples[key].append(wall)
+            cpu[key].append(used)
     out: dict[str, Any] = {"spec": spec, "file": str(path), "reps": reps, "first_call_s": first}
-    out.update({k: summary(v) for k, v in samples.items()})
-    out["ratio"] = out["mlk_load_spec"]["median_s"] / out["hydra_compose"]["median_s"]
+    out.update({k: {**summary(v), "cpu_median_s": statistics.median(cpu[k])} for k, v in samples.items()})
+    mlk, hydra = out["mlk_load_spec"], out["hydra_compose"]
+    out["ratio"] = mlk["median_s"] / hydra["median_s"]
+    out["ratio_of_minimums"] = mlk["min_s"] / hydra["min_s"]
+    out["ratio_cpu"] = mlk["cpu_median_s"] / hydra["cpu_median_s"]
     out["met"] = out["ratio"] <= GOAL_COMPOSE_RATIO
-    say(f"compose: mlk load_spec {out['mlk_load_spec']['median_s'] * 1000:.1f} ms vs hydra compose "
-        f"{out['hydra_compose']['median_s'] * 1000:.1f} ms (ratio {out['ratio']:.2f})")
+    say(f"compose: mlk load_spec {mlk['median_s'] * 1000:.1f} ms vs hydra compose "
+        f"{hydra['median_s'] * 1000:.1f} ms (ratio {out['ratio']:.2f}; of minimums "
+        f"{out['ratio_of_minimums']:.2f}; of CPU time {out['ratio_cpu']:.2f})")
     return out
 
 
@@ -386,8 +396,6 @@ def bench_ray(default_trials: int = 150, reuse_trials: int = 500, timeout: float
     # HOME too: ray.init writes a new cluster's auth token to ~/.ray/auth_token, which must not outlive us.
     env = with_pythonpath({**os.environ, "RAY_TMPDIR": tmp, "HOME": tmp,
                            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"})
-    default_address_file = Path("/tmp/ray/ray_current_cluster")
-    address_file_existed = default_address_file.exists()
     cmd = [sys.executable, "-m", "benchmarks.kernel.ray_child", f"default={default_trials}",
            f"reuse={reuse_trials}"]
     log_path = Path(tmp) / "child.log"
@@ -418,9 +426,9 @@ def bench_ray(default_trials: int = 150, reuse_trials: int = 500, timeout: float
         leftovers = _processes_of(proc.pid, tmp)
         _stop_processes(list(leftovers))
         log_tail = log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
-        for address_file in (Path(tmp) / "ray" / "ray_current_cluster", default_address_file):
-            if address_file.exists() and (address_file != default_address_file or not address_file_existed):
-                address_file.unlink()
+        # Ray's temp dir is tmp/ray (RAY_TMPDIR), so its ray_current_cluster file, if any, goes with
+        # tmp; the shared /tmp/ray is never touched (another session's cluster may own it).
+        (Path(tmp) / "ray" / "ray_current_cluster").unlink(missing_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     wall = time.perf_counter() - t0
     if result is None or proc.returncode != 0:
@@ -522,7 +530,8 @@ def table_rows(results: dict[str, Any]) -> list[dict[str, str]]:
             f"{_ms(comp['mlk_load_spec']['median_s'])} (compose {_ms(comp['mlk_compose_only']['median_s'])}"
             f" + validate {_ms(comp['mlk_validate_only']['median_s'])})",
             f"Hydra initialize_config_dir + compose {_ms(comp['hydra_compose']['median_s'])}",
-            f"{comp['ratio']:.2f}", f"<= {GOAL_COMPOSE_RATIO}", comp["met"])
+            f"{comp['ratio']:.2f} (CPU time {comp['ratio_cpu']:.2f}, minimums {comp['ratio_of_minimums']:.2f})",
+            f"<= {GOAL_COMPOSE_RATIO}", comp["met"])
     tr = results.get("trials")
     if tr:
         mlk = tr["mlk"]
@@ -593,7 +602,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps: dict[str, Callable[[], dict[str, Any]]] = {
         "cli": lambda: bench_cli(reps=2 if quick else 7),
         "import": lambda: bench_import(reps=2 if quick else 9),
-        "compose": lambda: bench_compose(reps=3 if quick else 40),
+        "compose": lambda: bench_compose(reps=3 if quick else 60),
         "trials": lambda: bench_trials(trials=20 if quick else 500, reps=1 if quick else 3,
                                        ray_default_trials=ray_trials, ray_reuse_trials=10 if quick else 500,
                                        skip_ray=args.skip_ray),

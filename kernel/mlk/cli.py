@@ -63,8 +63,13 @@ def _parser() -> argparse.ArgumentParser:
     rs = runs_sub.add_parser("show", help="trials, best trial, checkpoints and provenance of a run")
     rs.add_argument("run")
     rs.add_argument("--json", action="store_true")
-    rr = runs_sub.add_parser("resume", help="continue an interrupted run")
+    rp = runs_sub.add_parser("plot", help="PNG figures: learning curves by bracket, best so far vs epochs")
+    rp.add_argument("run")
+    rp.add_argument("--out", help="folder for the figures (default $MLK_HOME/plots/RUN)")
+    rr = runs_sub.add_parser("resume", help="continue an interrupted run, optionally with a larger budget")
     rr.add_argument("run")
+    rr.add_argument("overrides", nargs="*", metavar="OVERRIDE",
+                    help="safe changes only, e.g. searcher.max_trials=64 resources.max_concurrent_trials=4")
     rr.add_argument("--quiet", "-q", action="store_true")
 
     rp = sub.add_parser("reproduce", help="re-run a run from its record and report every difference")
@@ -74,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # As `python -m` does: the user's own modules (trial functions, `_target_` models) import from
+    # the working directory, in this process and in the workers it starts.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     args = _parser().parse_args(argv)
     if args.version:
         from importlib.metadata import version
@@ -242,18 +251,46 @@ def _runs(args: argparse.Namespace) -> int:
         return report.list_runs(as_json=args.json)
     if args.runs_command == "show":
         return report.show_run(args.run, as_json=args.json)
+    if args.runs_command == "plot":
+        from pathlib import Path
+
+        from mlk.plot import plot_run
+
+        for path in plot_run(args.run, Path(args.out) if args.out else None):
+            print(path)
+        return 0
     from mlk.runner import execute
     from mlk.spec import validate_spec
     from mlk.store import RunStore
 
     run = RunStore().run(args.run)
-    if run["status"] == "completed":
-        print(f"run {run['id']} already completed")
+    if args.overrides:
+        spec = _recorded_spec_with(run, args.overrides)
+    elif run["status"] == "completed":
+        print(f"run {run['id']} already completed; give overrides (e.g. searcher.max_trials=N) to extend it")
         return 0
-    spec = validate_spec(run["spec"], _spec_path(run))
+    else:
+        spec = validate_spec(run["spec"], _spec_path(run))
     run_id = execute(spec, quiet=args.quiet, resume_run=run["id"])
     report.print_summary(run_id)
     return 0
+
+
+def _recorded_spec_with(run: dict[str, Any], overrides: list[str]) -> Any:
+    """The run's recorded spec with Hydra overrides applied (composed from a copy of the record)."""
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    from mlk.spec import load_spec
+
+    with tempfile.TemporaryDirectory(prefix="mlk-resume-") as tmp:
+        path = Path(tmp) / f"{run['spec_name']}.yaml"
+        path.write_text(yaml.safe_dump(run["spec"], sort_keys=False))
+        spec = load_spec([f"+spec={path}", *overrides])
+    spec.file = _spec_path(run)
+    return spec
 
 
 def _spec_path(run: dict[str, Any]) -> Any:

@@ -21,10 +21,14 @@ def mlk_graph_nodes(spec: Any) -> list[Node]:
         "data": spec["data"],
         "reproducibility": spec["reproducibility"],
     }
+    nodes = []
+    if spec["data"] is not None:
+        nodes.append(Node(id="data", kind="data", run="mlk.stages.data:run", config={"data": spec["data"]},
+                          volatile=True, describe=f"load and fingerprint dataset '{spec['data']['name']}'"))
     return [
-        Node(id="data", kind="data", run="mlk.stages.data:run", config={"data": spec["data"]}, volatile=True,
-             describe=f"load and fingerprint dataset '{spec['data']['name']}'"),
-        Node(id="search", kind="search", run="mlk.stages.search:run", config=search_config, inputs=["data"],
+        *nodes,
+        Node(id="search", kind="search", run="mlk.stages.search:run", config=search_config,
+             inputs=[n.id for n in nodes],
              describe=(f"{searcher['name']} search over {len(spec.space.params)} hyperparameters: up to "
                        f"{searcher['max_trials']} trials x {searcher['max_resource']} epochs, "
                        f"{spec.resources.max_concurrent_trials} at once on backend '{spec.resources.backend}'")),

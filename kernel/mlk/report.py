@@ -31,9 +31,11 @@ def run_details(store: RunStore, run_id: str) -> dict[str, Any]:
     source = search_run_id(store, rid)
     trials = store.trials(source)
     ckpts = store.checkpoints(source)
+    searcher = _recorded_searcher(store, source)
     for t in trials:
         t["checkpoints"] = [{"resource": c["resource"], "uri": c["uri"], "value": c["value"]}
                             for c in ckpts if c["trial_id"] == t["trial_id"]]
+        t["searcher"] = searcher.trial_info(t["trial_id"]) if searcher else {}
     return {
         "id": rid, "spec_name": run["spec_name"], "status": run["status"], "created": run["created"],
         "finished": run["finished"], "error": run["error"], "reproduces": run["reproduces"],
@@ -42,8 +44,22 @@ def run_details(store: RunStore, run_id: str) -> dict[str, Any]:
                                      "error")} for n in store.nodes(rid)],
         "search_run": source,
         "trials": trials,
+        "decisions": searcher.decisions() if searcher else [],
         "framework_flags": next((e["payload"] for e in store.events(source) if e["kind"] == "framework_flags"), None),
     }
+
+
+def _recorded_searcher(store: RunStore, run_id: str) -> Any:
+    """The run's searcher rebuilt from its saved state, or None when it cannot be (plugin gone)."""
+    from mlk.errors import MlkError
+    from mlk.registry import registry
+    from mlk.stages.search import searcher_from_record
+
+    node = store.node(run_id, "search")
+    try:
+        return searcher_from_record(registry(), store.run(run_id)["spec"], node["state"] if node else None)
+    except (MlkError, KeyError, ValueError):
+        return None
 
 
 def list_runs(as_json: bool = False) -> int:
@@ -98,17 +114,23 @@ def show_run(run_id: str, as_json: bool = False) -> int:
         con.print(f"\n[bold]trials[/] (run {d['search_run']})" if d["search_run"] != d["id"] else "\n[bold]trials[/]")
         hp_names = list(trials[0]["hparams"])
         metric_names = sorted({k for t in trials for k in (t["metrics"] or {})})
+        info_names = sorted({k for t in trials for k in t["searcher"]})
         table = Table(box=None, pad_edge=False)
-        for col in ("trial", "state", "epochs", *hp_names, *metric_names, "checkpoint"):
+        for col in ("trial", *info_names, "state", "epochs", *hp_names, *metric_names, "checkpoint"):
             table.add_column(col)
         best = (d["summary"] or {}).get("best_trial")
         for t in trials:
             mark = "*" if t["trial_id"] == best else ""
             ck = t["checkpoints"][-1]["uri"].rsplit("/", 1)[-1] if t["checkpoints"] else "-"
-            table.add_row(f"{t['trial_id']}{mark}", t["status"], str(t["resource"]),
+            table.add_row(f"{t['trial_id']}{mark}", *[str(t["searcher"].get(k, "-")) for k in info_names],
+                          t["status"], str(t["resource"]),
                           *[_num(t["hparams"].get(h)) for h in hp_names],
                           *[_num((t["metrics"] or {}).get(m, "-")) for m in metric_names], ck)
         con.print(table)
+    if d["decisions"]:
+        con.print("\n[bold]searcher decisions[/]", highlight=False)
+        for line in decision_lines(d["decisions"]):
+            con.print(f"  {line}", highlight=False)
     s = d["summary"]
     if s:
         con.print(f"\n[bold]best[/]: trial {s['best_trial']} {s['metric']}={_num(s['best_value'])} at "
@@ -138,6 +160,21 @@ def show_run(run_id: str, as_json: bool = False) -> int:
         con.print(f"  packages: {len(p.get('packages', {}))} recorded (`mlk runs show {d['id']} --json`)",
                   highlight=False)
     return 0
+
+
+def decision_lines(decisions: list[dict[str, Any]]) -> list[str]:
+    """Decisions grouped by bracket and resource: 'bracket 2 @ 3 epochs: promoted 4, 9; stopped 1, 2'."""
+    groups: dict[tuple[Any, Any], dict[str, list[str]]] = {}
+    for d in decisions:
+        key = (d.get("bracket", "-"), d.get("resource"))
+        label = str(d["trial_id"]) + (f"->{d['by']}(from {d['from']})" if "by" in d else "")
+        groups.setdefault(key, {}).setdefault(d["decision"], []).append(label)
+    lines = []
+    for (bracket, resource), by_decision in groups.items():
+        where = f"bracket {bracket} @ {resource} epochs" if bracket != "-" else f"@ {resource} epochs"
+        parts = "; ".join(f"{dec} {', '.join(ids)}" for dec, ids in by_decision.items())
+        lines.append(f"{where}: {parts}")
+    return lines
 
 
 def print_summary(run_id: str) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 from mlk.errors import MlkError, UserError
 from mlk.graph import Graph, Node, plan
 from mlk.imports import import_object
-from mlk.spec import Spec
+from mlk.spec import Spec, spec_changes
 from mlk.store import RunStore
 
 
@@ -56,12 +56,17 @@ def execute(spec: Spec, *, fresh: bool = False, quiet: bool = False, reproduces:
     reg = registry()
     store = RunStore()
     graph = plan(spec, reg.hooks)
-    previous = store.run(resume_run) if resume_run else (None if fresh or reproduces else
-                                                         store.resumable_run(spec.hash))
+    previous = None
+    if resume_run:
+        previous = store.run(resume_run)
+    elif not fresh and not reproduces:
+        previous = store.resumable_run(spec.hash) or _extendable(store, spec, reg)
     if previous is not None:
         run_id = previous["id"]
         store.update_run(run_id, status="running", pid=_pid(), error=None)
         provenance = previous["provenance"] or {}
+        if previous["spec"] != spec.data:
+            _accept_changes(store, previous, spec, reg, quiet)
     else:
         run_id = new_run_id(spec.name)
         store.create_run(run_id, spec.name, spec.hash, spec.data, reproduces=reproduces)
@@ -97,6 +102,36 @@ def execute(spec: Spec, *, fresh: bool = False, quiet: bool = False, reproduces:
             store.update_run(run_id, status=status, finished=time.time(), summary_json=summary)
         store.close()
     return run_id
+
+
+def _extendable(store: RunStore, spec: Spec, reg: Any) -> dict[str, Any] | None:
+    """The latest run of this spec whose search may continue under ``spec``: only safe keys changed
+    (a larger budget, more concurrency), so its trials stay valid and are reused."""
+    last = store.latest_run_of(spec.name)
+    if last is None or last["spec"] == spec.data or store.node(last["id"], "search") is None:
+        return None
+    safe, unsafe = spec_changes(last["spec"], spec.data, _extendable_keys(spec, reg))
+    return last if safe and not unsafe else None
+
+
+def _extendable_keys(spec: Spec, reg: Any) -> tuple[str, ...]:
+    cls = reg.get("searchers", spec["searcher"]["name"], where="searcher.name")
+    return tuple(cls.extendable_keys)
+
+
+def _accept_changes(store: RunStore, previous: dict[str, Any], spec: Spec, reg: Any, quiet: bool) -> None:
+    safe, unsafe = spec_changes(previous["spec"], spec.data, _extendable_keys(spec, reg))
+    if unsafe:
+        raise UserError(f"run {previous['id']} cannot continue with this spec: these changes invalidate its "
+                        "trials:\n    " + "\n    ".join(unsafe),
+                        where="resume", hint=f"start a new run instead (`mlk run +spec={spec.name} ...`); "
+                        "changes a search can absorb: searcher.max_trials, resources.*, storage.keep.*")
+    store.update_run(previous["id"], spec_json=spec.data, spec_hash=spec.hash, status="running")
+    store.add_event(previous["id"], "spec_changed", {"changes": safe})
+    if not quiet:
+        from mlk.console import err_console
+
+        err_console().print(f"continuing run {previous['id']} with: " + "; ".join(safe), highlight=False)
 
 
 def _run_node(ctx: RunContext, node: Node, reuse: bool) -> Any:

@@ -54,12 +54,17 @@ class Searcher(Plugin):
     """
 
     Config: ClassVar[type[SearcherConfig]] = SearcherConfig
+    #: Keys of ``searcher:`` that may grow on a resumed search (the saved state stays valid).
+    extendable_keys: ClassVar[tuple[str, ...]] = ("max_trials",)
 
     def __init__(self, config: SearcherConfig, space: SearchSpace, seed: int) -> None:
         self.config = config
         self.space = space
         self.rng = random.Random(seed)
         self.next_trial_id = 1
+        #: How many requests the kernel may keep in flight (the backend's capacity); set before the
+        #: first ``ask``. Searchers that batch their proposals (nevergrad) read it.
+        self.concurrency = 1
 
     # -- helpers for subclasses -------------------------------------------------------------
 
@@ -93,6 +98,15 @@ class Searcher(Plugin):
     def budget(self) -> int:
         """Total epochs the search expects to spend, for progress and ETA; an estimate is fine."""
         return self.config.max_trials * self.config.max_resource
+
+    def trial_info(self, trial_id: int) -> dict[str, Any]:
+        """Searcher facts about a trial for ``mlk runs show`` and plots, e.g. ``{"bracket": 2}``."""
+        return {}
+
+    def decisions(self) -> list[dict[str, Any]]:
+        """What the searcher decided about trials, in order: mappings with ``trial_id``, ``resource``
+        and ``decision`` (``promoted``, ``stopped``, ``replaced``...), plus any detail (``bracket``)."""
+        return list(getattr(self, "history", []))
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume; JSON-serialisable. Extend, calling ``super()``."""

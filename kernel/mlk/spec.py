@@ -64,8 +64,9 @@ class TopLevel(BaseModel):
     description: str = Field("", description="free text shown by `mlk runs list`")
     seed: int = Field(0, ge=0, description="the root of every seed the run derives")
     framework: dict[str, Any] = Field(description="training framework (a plugin of mlk.frameworks) and its options")
-    data: dict[str, Any] = Field(description="dataset (a plugin of mlk.datasets) and its options")
-    model: dict[str, Any] = Field(description="model: `name` of a plugin of mlk.models, or `_target_`, and options")
+    data: dict[str, Any] | None = Field(None, description="dataset (a plugin of mlk.datasets) and its options")
+    model: dict[str, Any] | None = Field(
+        None, description="model: `name` of a plugin of mlk.models, or `_target_`, and options")
     hyperparameters: dict[str, Any] = Field(default_factory=dict, description="the search space")
     searcher: dict[str, Any] = Field(description="search algorithm (a plugin of mlk.searchers) and budget")
     resources: dict[str, Any] = Field(default_factory=dict, description="backend and concurrency")
@@ -349,8 +350,10 @@ def validate_spec(raw: dict[str, Any], path: Path) -> Spec:
     data = top.model_dump(by_alias=True, mode="json")
     try:
         framework, data["framework"] = _check_plugin_section(reg, "frameworks", top.framework, "framework", probe)
-        _, data["data"] = _check_plugin_section(reg, "datasets", top.data, "data", probe)
-        data["model"] = _check_model(reg, top.model, probe)
+        if top.data is not None:
+            _, data["data"] = _check_plugin_section(reg, "datasets", top.data, "data", probe)
+        if top.model is not None:
+            data["model"] = _check_model(reg, top.model, probe)
         searcher, data["searcher"] = _check_plugin_section(reg, "searchers", top.searcher, "searcher", probe)
         resources_raw = {"backend": "local", **top.resources}
         backend_cls = reg.get("backends", resources_raw["backend"], where="resources.backend")
@@ -383,12 +386,42 @@ def _check_model(reg: Any, model: dict[str, Any], probe: dict[str, Any]) -> dict
     return {"name": model["name"], **dumped}
 
 
+# -- changes between two specs -------------------------------------------------------------------
+
+#: Top-level key paths a resumed run may change without invalidating its trials.
+SAFE_CHANGES = ("description", "resources.", "storage.keep.", "compile", "deploy", "plugins.")
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out or {prefix.rstrip("."): {}}
+    return {prefix.rstrip("."): d}
+
+
+def spec_changes(old: dict[str, Any], new: dict[str, Any], extendable: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """``(safe, unsafe)`` descriptions of what changed from ``old`` to ``new``. Safe changes keep a
+    search's trials valid (more trials, more concurrency); unsafe ones (search space, metric,
+    model, data, seed...) do not."""
+    a, b = _flatten(old), _flatten(new)
+    safe: list[str] = []
+    unsafe: list[str] = []
+    allowed = (*SAFE_CHANGES, *(f"searcher.{k}" for k in extendable))
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            text = f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
+            (safe if any(key == p or key.startswith(p) for p in allowed) else unsafe).append(text)
+    return safe, unsafe
+
+
 # -- schema --------------------------------------------------------------------------------------
 
 
 def spec_schema() -> dict[str, Any]:
     """JSON schema of a spec, with each plugin section a union of the installed plugins' Configs."""
-    from typing import Annotated, Literal, Union
+    from typing import Annotated, Literal, Optional, Union
 
     from pydantic import create_model
 
@@ -417,7 +450,7 @@ def spec_schema() -> dict[str, Any]:
         "MlkSpec",
         __base__=TopLevel,
         framework=(union("frameworks"), ...),
-        data=(union("datasets"), ...),
+        data=(Optional[union("datasets")], None),  # type: ignore[arg-type,maybe-unrecognized-str-typeform]  # noqa: UP045
         searcher=(union("searchers"), ...),
         storage=(union("storage"), None),
         resources=(backends[0] if len(backends) == 1 else dict[str, Any], None),

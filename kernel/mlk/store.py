@@ -194,6 +194,12 @@ class RunStore:
             return self._run_row(row)
         return None
 
+    def latest_run_of(self, spec_name: str) -> dict[str, Any] | None:
+        """The newest run of ``spec_name`` that is not a reproduction."""
+        row = self.db.execute("SELECT * FROM runs WHERE spec_name = ? AND reproduces IS NULL ORDER BY created DESC"
+                              " LIMIT 1", (spec_name,)).fetchone()
+        return self._run_row(row) if row else None
+
     # -- nodes ----------------------------------------------------------------------------------
 
     def node(self, run_id: str, node_id: str) -> dict[str, Any] | None:

@@ -115,8 +115,8 @@ class TrialContext:
         self.spec = task.spec
         self.deterministic = bool(task.spec.get("reproducibility", {}).get("deterministic", False))
         self.framework = bind_hparams(task.spec["framework"], self.hparams, "framework")
-        self.data = bind_hparams(task.spec["data"], self.hparams, "data")
-        self.model = bind_hparams(task.spec["model"], self.hparams, "model")
+        self.data = bind_hparams(task.spec.get("data"), self.hparams, "data")
+        self.model = bind_hparams(task.spec.get("model"), self.hparams, "model")
         self.metric = task.spec["searcher"]["metric"]
         self.mode = task.spec["searcher"].get("mode", "min")
         self.keep = task.spec.get("storage", {}).get("keep", {})
@@ -145,6 +145,9 @@ class TrialContext:
 
     def load_data(self) -> Any:
         """The dataset's :class:`mlk.datasets.DataSplits` (loaded once per process per config)."""
+        if self.data is None:
+            raise UserError("this trial loads data, but the spec has no `data` section", where="data",
+                            hint="add e.g. data: {name: digits}")
         if self._dataset is None:
             from mlk.registry import registry
 
@@ -155,6 +158,9 @@ class TrialContext:
         """The spec's model for ``framework``: a builtin by ``name`` or any ``_target_`` callable."""
         from mlk.registry import registry
 
+        if self.model is None:
+            raise UserError("this trial builds a model, but the spec has no `model` section", where="model",
+                            hint="add e.g. model: {name: digits_mlp}")
         meta = self.load_data().meta
         return build_model(registry(), self.model, framework, meta)
 

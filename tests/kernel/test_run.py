@@ -186,3 +186,61 @@ def test_model_target_builds_a_user_model_with_hparams(workdir: Path) -> None:
     show = json.loads(mlk("runs", "show", run["id"], "--json", cwd=workdir).stdout)
     assert show["spec"]["model"] == {"_target_": "tests.kernel.models:tiny_mlp", "hidden": "${hp.hidden}"}
     assert show["summary"]["best_metrics"]["val_accuracy"] > 0.3
+
+
+def test_plain_function_trial_from_the_working_directory_needs_no_data(workdir: Path) -> None:
+    (workdir / "my_trials.py").write_text(
+        "def parabola(ctx):\n"
+        "    for epoch in range(1, ctx.target + 1):\n"
+        "        ctx.report(epoch, {'loss': (ctx.hparams['x'] - 2.0) ** 2 / epoch})\n")
+    (workdir / "specs" / "fn.yaml").write_text(
+        "framework: {name: python, function: 'my_trials:parabola'}\n"
+        "hyperparameters: {x: {type: double, minval: 0, maxval: 4}}\n"
+        "searcher: {name: random, metric: loss, max_trials: 4, max_resource: 2}\n")
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}  # the repo only, not the workdir
+    proc = mlk("run", "+spec=fn", cwd=workdir, env=env)
+    assert proc.returncode == 0, proc.stderr
+    show = json.loads(mlk("runs", "show", _runs(workdir)[0]["id"], "--json", cwd=workdir, env=env).stdout)
+    assert [n["node_id"] for n in show["nodes"]] == ["search", "select"]
+    assert len(show["trials"]) == 4 and "data" not in show["provenance"]
+
+
+def test_all_trials_failing_stops_the_search_early(workdir: Path, quad_spec: Path) -> None:
+    proc = mlk("run", "+spec=quad", "framework.function=tests.kernel.trials:crash", "searcher.max_trials=50",
+               cwd=workdir)
+    assert proc.returncode == 1
+    assert "trials so far failed; stopping the search" in proc.stderr
+    show = json.loads(mlk("runs", "show", _runs(workdir)[0]["id"], "--json", cwd=workdir).stdout)
+    assert len(show["trials"]) < 10
+
+
+def test_larger_budget_extends_the_search_reusing_finished_trials(workdir: Path, quad_spec: Path) -> None:
+    assert mlk("run", "+spec=quad", cwd=workdir).returncode == 0
+    before = {(t, r): ts for t, r, _, ts in _metric_rows(workdir / ".mlk")}
+    proc = mlk("run", "+spec=quad", "searcher.max_trials=9", "resources.max_concurrent_trials=1", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    assert "continuing run quad-" in proc.stderr and "searcher.max_trials: 6 -> 9" in proc.stderr
+    assert len(_runs(workdir)) == 1  # the same run, extended
+    after = {(t, r): ts for t, r, _, ts in _metric_rows(workdir / ".mlk")}
+    assert len(after) == 27 and all(after[k] == v for k, v in before.items())
+    # the same 9 trials as a search that had max_trials=9 from the start
+    other = workdir / "other"
+    (other / "specs").mkdir(parents=True)
+    (other / "specs" / "quad.yaml").write_text(quad_spec.read_text())
+    assert mlk("run", "+spec=quad", "searcher.max_trials=9", cwd=other, env={"MLK_HOME": str(other / ".mlk")}
+               ).returncode == 0
+    straight = {(t, r): m for t, r, m, _ in _metric_rows(other / ".mlk")}
+    assert {(t, r): m for t, r, m, _ in _metric_rows(workdir / ".mlk")} == straight
+
+
+def test_resume_refuses_changes_that_invalidate_trials(workdir: Path, quad_spec: Path) -> None:
+    assert mlk("run", "+spec=quad", cwd=workdir).returncode == 0
+    (run,) = _runs(workdir)
+    proc = mlk("runs", "resume", run["id"], "hyperparameters.x.maxval=2", "searcher.metric=acc_sum", cwd=workdir)
+    assert proc.returncode == 2
+    assert "cannot continue with this spec" in proc.stderr
+    assert "hyperparameters.x.maxval: 1 -> 2" in proc.stderr and "searcher.metric: 'loss' -> 'acc_sum'" in proc.stderr
+    ok = mlk("runs", "resume", run["id"], "searcher.max_trials=7", cwd=workdir)
+    assert ok.returncode == 0, ok.stderr
+    show = json.loads(mlk("runs", "show", run["id"], "--json", cwd=workdir).stdout)
+    assert len(show["trials"]) == 7 and show["status"] == "completed"

@@ -69,7 +69,8 @@ def test_wrong_type(workdir: Path, quad_spec: Path) -> None:
 def test_unknown_plugin_name_did_you_mean(workdir: Path, quad_spec: Path) -> None:
     msg = _error(["+spec=quad", "searcher.name=randon"])
     assert "searcher.name: unknown searcher 'randon'" in msg
-    assert "valid choices: grid, random, single" in msg and "did you mean 'random'" in msg
+    assert "valid choices: asha, grid, hyperband, nevergrad, pbt, random, single" in msg
+    assert "did you mean 'random'" in msg
 
 
 def test_invalid_search_space(workdir: Path, quad_spec: Path) -> None:

@@ -48,3 +48,26 @@ class TestTorchFramework(FrameworkContract):
         "searcher": {"name": "single", "metric": "val_loss", "max_resource": 3},
     }
     hparams = {"lr": 0.005, "hidden": 24}
+
+
+class TestHyperbandSearcher(SearcherContract):
+    plugin = "hyperband"
+
+
+class TestAshaSearcher(SearcherContract):
+    plugin = "asha"
+
+
+class TestAshaBracketsSearcher(SearcherContract):
+    plugin = "asha"
+    config = {"brackets": 2}
+
+
+class TestPbtSearcher(SearcherContract):
+    plugin = "pbt"
+    config = {"population": 4, "interval": 3}
+
+
+class TestNevergradSearcher(SearcherContract):
+    plugin = "nevergrad"
+    config = {"optimizer": "TwoPointsDE"}

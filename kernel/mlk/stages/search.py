@@ -42,6 +42,7 @@ class SearchLoop:
         backend_cls = reg.get("backends", self.spec.resources.backend, where="resources.backend")
         backend_cls.ensure_available()
         self.backend = backend_cls(self.spec.resources, self.store.home)
+        self.searcher.concurrency = self.backend.capacity()
         self.in_flight: dict[int, TrialRequest] = {}
         self.attempts: dict[int, int] = {}
         self.queue: list[TrialRequest] = []
@@ -82,15 +83,18 @@ class SearchLoop:
         self.in_flight[req.trial_id] = req
 
     def fill(self) -> None:
+        submitted = False
         while len(self.in_flight) < self.backend.capacity():
             if self.queue:
                 req = self.queue.pop(0)
             else:
                 asked = self.searcher.ask()
                 if asked is None:
-                    return
+                    break
                 req = asked
             self.submit(req)
+            submitted = True
+        if submitted:  # once per pass: the state grows with the search, saving it is not free
             self.save()
 
     def handle(self, result: TrialResult, progress: SearchProgress) -> None:
@@ -122,6 +126,15 @@ class SearchLoop:
                                           resource=result.resource, metrics=result.metrics)
         progress.trial_done(req.trial_id, status, result)
 
+    def check_not_all_failing(self) -> None:
+        """Stop early when every trial so far failed: the cause is almost surely common to all."""
+        trials = self.store.trials(self.run_id)
+        failed = [t for t in trials if t["status"] == "failed"]
+        succeeded = any(t["status"] in ("completed", "paused") for t in trials)
+        if len(failed) >= max(3, self.backend.capacity()) and not succeeded:
+            raise MlkError(f"all {len(failed)} trials so far failed; stopping the search. The last error:\n"
+                           f"{failed[-1]['error']}")
+
     def run(self) -> dict[str, Any]:
         resumed = self.restore()
         progress = SearchProgress(self.ctx, self.searcher, self.spec.searcher.metric, self.spec.searcher.mode)
@@ -137,12 +150,18 @@ class SearchLoop:
                             break
                         raise MlkError(f"searcher '{self.searcher.name}' has nothing running and nothing to "
                                        "ask, yet says it is not finished")
-                    for result in self.backend.wait(timeout=0.5):
+                    results = self.backend.wait(timeout=0.5)
+                    for result in results:
                         self.handle(result, progress)
+                    if results:
                         self.save()
+                        self.check_not_all_failing()
                     progress.refresh(len(self.in_flight))
         finally:
             self.backend.shutdown()
+        for t in self.store.trials(self.run_id):
+            if t["status"] == "paused":  # the search is over: a trial left at a rung was stopped there
+                self.store.update_trial(self.run_id, t["trial_id"], status="stopped")
         trials = self.store.trials(self.run_id)
         return {
             "run_id": self.run_id,
@@ -151,6 +170,20 @@ class SearchLoop:
             "epochs": sum(t["resource"] for t in trials),
             "searcher": self.searcher.name,
         }
+
+
+def searcher_from_record(reg: Any, spec: dict[str, Any], state: dict[str, Any] | None) -> Searcher:
+    """The searcher of a recorded run, rebuilt from its spec and saved state (for reports)."""
+    from mlk.hyperparameters import SearchSpace, parse_hyperparameter
+    from mlk.spec import validate_section
+
+    cls = reg.get("searchers", spec["searcher"]["name"], where="searcher.name")
+    space = SearchSpace({k: parse_hyperparameter(v) for k, v in spec["hyperparameters"].items()})
+    searcher: Searcher = cls(validate_section(cls.Config, spec["searcher"], "searcher"), space,
+                             derive_seed(spec["seed"], "searcher"))
+    if state:
+        searcher.load_state_dict(state["searcher"])
+    return searcher
 
 
 def _last_line(text: str) -> str:
