@@ -36,7 +36,31 @@ def mlk_graph_nodes(spec: Any) -> list[Node]:
              config={"metric": searcher["metric"], "mode": searcher["mode"]}, inputs=["search"],
              describe=f"pick the trial with the {'lowest' if searcher['mode'] == 'min' else 'highest'} "
                       f"{searcher['metric']} and its checkpoint"),
+        *_compile_nodes(spec),
     ]
+
+
+def _compile_nodes(spec: Any) -> list[Node]:
+    if not spec["compile"]:
+        return []
+    from mlk.registry import registry
+    from mlk.stages.compile import EXPORT, plan_steps
+
+    data = ["data"] if spec["data"] is not None else []
+    nodes = [Node(id=EXPORT, kind="export", run="mlk.stages.export:run", inputs=["select"],
+                  config={"framework": spec["framework"]["name"]},
+                  describe="the selected trial's model at its best checkpoint, as the framework exports it")]
+    for step in plan_steps(spec, registry()):
+        why = f" (inserted: {step.inserted_for} needs {', '.join(step.needs)})" if step.inserted_for else ""
+        nodes.append(Node(id=step.node_id, kind="compile", run="mlk.stages.compile:run",
+                          config={"step": step.config, "input": step.input}, inputs=[step.input, *data],
+                          describe=f"{step.config['name']}: -> {step.produces}{why}"))
+        nodes.append(Node(id=f"validate/{step.id}", kind="validate", run="mlk.stages.validate:run",
+                          config={"artifact": step.node_id, "compiler": step.config["name"],
+                                  "validate": spec["validate"]},
+                          inputs=[EXPORT, step.node_id, *data],
+                          describe=f"accuracy, output difference, latency, size and memory of {step.id}"))
+    return nodes
 
 
 @hookimpl(trylast=True)

@@ -8,12 +8,14 @@ calls ``ctx.report(epoch, metrics)`` and saves a checkpoint through ``ctx.save_c
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from mlk.plugin import Plugin
 from mlk.sections import FrameworkConfig
 
 if TYPE_CHECKING:
+    from mlk.compiler import Artifact, Runner
     from mlk.trial import TrialContext
 
 
@@ -23,6 +25,8 @@ class Framework(Plugin):
     Config: ClassVar[type[FrameworkConfig]] = FrameworkConfig
     #: The most workers one trial can use (``resources.slots_per_trial``); 1: no data parallelism.
     max_slots: ClassVar[int] = 1
+    #: The artifact format :meth:`export` writes (the source of every compile step); "" if none.
+    export_format: ClassVar[str] = ""
 
     def __init__(self, config: FrameworkConfig) -> None:
         self.config = config
@@ -30,6 +34,16 @@ class Framework(Plugin):
     def train(self, ctx: TrialContext) -> None:
         """Train ``ctx``'s trial from its latest checkpoint (or scratch) up to ``ctx.target`` epochs."""
         raise NotImplementedError
+
+    def export(self, ctx: TrialContext, resource: int, out: Path) -> Artifact:
+        """Write the trial's model, as trained to ``resource`` epochs (its checkpoint there), into the
+        empty folder ``out`` as an artifact of :attr:`export_format`, with ``input_shape``,
+        ``input_name``, ``dtype``, ``num_classes`` and ``file`` in its meta."""
+        raise NotImplementedError(f"framework '{self.name}' cannot export models")
+
+    def runner(self, artifact: Artifact, threads: int) -> Runner:
+        """Load an artifact of :attr:`export_format` for inference (the reference in validation)."""
+        raise NotImplementedError(f"framework '{self.name}' cannot run exported models")
 
     def determinism(self, deterministic: bool) -> dict[str, object]:
         """Switch the framework's deterministic mode; return the flags set, for provenance."""

@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from mlk.hyperparameters import Categorical, Const, Double, Int, Log
-from mlk.sections import KeepConfig
+from mlk.sections import KeepConfig, ValidateConfig
 
 GROUP_SECTIONS = {
     "frameworks": "framework",
@@ -20,6 +20,7 @@ GROUP_SECTIONS = {
     "searchers": "searcher",
     "backends": "resources",
     "storage": "storage",
+    "compilers": "compile[]",
 }
 
 
@@ -77,6 +78,10 @@ def spec_reference_markdown(reg: Any) -> str:
         "",
         *fields_table(KeepConfig, "storage.keep."),
         "",
+        "### `validate`",
+        "",
+        *fields_table(ValidateConfig, "validate."),
+        "",
         "## `hyperparameters`",
         "",
         "Each entry is a mapping tagged by `type`; a bare value is shorthand for `const`.",
@@ -92,6 +97,8 @@ def spec_reference_markdown(reg: Any) -> str:
             cls = entry.load()
             doc = (cls.__doc__ or "").strip().splitlines()
             title = f"`{section}.backend: {entry.name}`" if group == "backends" else f"`{section}.name: {entry.name}`"
+            if group == "compilers":
+                title += f" ({' or '.join(cls.accepts)} -> {cls.produces})"
             out += [f"### {title} ({entry.distribution})", "", doc[0] if doc else "", ""]
             out += [*fields_table(cls.Config, f"{section}.", skip=("name", "keep")), ""]
     return "\n".join(out).rstrip() + "\n"

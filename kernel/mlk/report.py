@@ -45,6 +45,7 @@ def run_details(store: RunStore, run_id: str) -> dict[str, Any]:
         "search_run": source,
         "trials": trials,
         "decisions": searcher.decisions() if searcher else [],
+        "validation": [n["outputs"] for n in store.nodes(rid) if n["kind"] == "validate" and n["outputs"]],
         "framework_flags": next((e["payload"] for e in store.events(source) if e["kind"] == "framework_flags"), None),
     }
 
@@ -131,6 +132,26 @@ def show_run(run_id: str, as_json: bool = False) -> int:
         con.print("\n[bold]searcher decisions[/]", highlight=False)
         for line in decision_lines(d["decisions"]):
             con.print(f"  {line}", highlight=False)
+    if d["validation"]:
+        con.print("\n[bold]artifacts[/] (validated on the held-out split against the trained model)", highlight=False)
+        table = Table(box=None, pad_edge=False)
+        for col in ("artifact", "format", "accuracy", "change", "max diff", "p50@1 ms", "p99@1 ms", "p50@N ms",
+                    "items/s@N", "size MB", "peak MB", "gates"):
+            table.add_column(col)
+        for r in d["validation"]:
+            big = max(r["latency"], key=int)
+            one = r["latency"].get("1")
+            change = (r["accuracy"] - r["reference_accuracy"]) * 100
+            gates = "ok" if r["gates"]["passed"] else "FAILED: " + "; ".join(r["gates"]["failures"])
+            table.add_row(r["artifact"], r["format"], f"{r['accuracy']:.4f}", f"{change:+.2f} pts",
+                          f"{r['max_output_diff']:.2e}", f"{one['p50_ms']:.3f}" if one else "-",
+                          f"{one['p99_ms']:.3f}" if one else "-", f"{r['latency'][big]['p50_ms']:.3f} (N={big})",
+                          f"{r['latency'][big]['throughput_per_s']:.0f}", f"{r['size_bytes'] / 1e6:.3f}",
+                          f"{r['peak_rss_mb']:.0f}", gates)
+        con.print(table)
+    unavailable = [n for n in d["nodes"] if n["status"] in ("unavailable", "skipped")]
+    for n in unavailable:
+        con.print(f"  {n['node_id']}: {n['status']}: {n['error']}", highlight=False)
     s = d["summary"]
     if s:
         con.print(f"\n[bold]best[/]: trial {s['best_trial']} {s['metric']}={_num(s['best_value'])} at "

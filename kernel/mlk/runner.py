@@ -13,10 +13,12 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlk.compiler import Unavailable
 from mlk.errors import MlkError, UserError
 from mlk.graph import Graph, Node, plan
 from mlk.imports import import_object
 from mlk.spec import Spec, spec_changes
+from mlk.stages.validate import GateFailed
 from mlk.store import RunStore
 
 
@@ -79,10 +81,31 @@ def execute(spec: Spec, *, fresh: bool = False, quiet: bool = False, reproduces:
 
     status = "failed"
     summary: dict[str, Any] = {}
+    deferred: list[str] = []        # failures that let independent nodes go on (gates)
+    blocked: dict[str, str] = {}    # node id -> why it did not complete
     try:
         for node in graph.nodes:
-            ctx.outputs[node.id] = _run_node(ctx, node, reuse=not fresh and not reproduces)
-        summary = ctx.outputs.get("select", {})
+            why = next((blocked[d] for d in node.inputs if d in blocked), None)
+            if why is not None:
+                store.fail_node(run_id, node.id, why, status="skipped", key=node.key, kind=node.kind)
+                blocked[node.id] = why
+                continue
+            try:
+                ctx.outputs[node.id] = _run_node(ctx, node, reuse=not fresh and not reproduces)
+            except Unavailable as e:
+                store.fail_node(run_id, node.id, str(e), status="unavailable", key=node.key, kind=node.kind)
+                blocked[node.id] = f"{node.id} is unavailable here"
+                ctx.say(f"[yellow]{node.id}: unavailable here[/]: {e}")
+            except GateFailed as e:
+                store.fail_node(run_id, node.id, str(e), outputs=e.report, key=node.key, kind=node.kind)
+                blocked[node.id] = str(e)
+                deferred.append(str(e))
+        summary = dict(ctx.outputs.get("select", {}))
+        summary["artifacts"] = {n: {"format": o["format"], "uri": o["uri"]} for n, o in ctx.outputs.items()
+                                if isinstance(o, dict) and "manifest" in o and "format" in o}
+        summary["not_completed"] = blocked
+        if deferred:
+            raise MlkError("\n  ".join(deferred))
         status = "completed"
     except KeyboardInterrupt:
         status = "interrupted"
@@ -90,7 +113,7 @@ def execute(spec: Spec, *, fresh: bool = False, quiet: bool = False, reproduces:
         ctx.say(f"[yellow]interrupted[/]: resume with the same command, or `mlk runs resume {run_id}`")
         raise
     except MlkError as e:
-        store.update_run(run_id, status=status, error=str(e))
+        store.update_run(run_id, status=status, error=str(e), summary_json=summary or None)
         raise
     except BaseException:
         store.update_run(run_id, status=status, error=traceback.format_exc())
@@ -108,7 +131,8 @@ def _extendable(store: RunStore, spec: Spec, reg: Any) -> dict[str, Any] | None:
     """The latest run of this spec whose search may continue under ``spec``: only safe keys changed
     (a larger budget, more concurrency), so its trials stay valid and are reused."""
     last = store.latest_run_of(spec.name)
-    if last is None or last["spec"] == spec.data or store.node(last["id"], "search") is None:
+    if last is None or last["status"] == "failed" or last["spec"] == spec.data or \
+            store.node(last["id"], "search") is None:
         return None
     safe, unsafe = spec_changes(last["spec"], spec.data, _extendable_keys(spec, reg))
     return last if safe and not unsafe else None
@@ -150,8 +174,10 @@ def _run_node(ctx: RunContext, node: Node, reuse: bool) -> Any:
     executor = import_object(node.run, where=f"run graph node '{node.id}'")
     try:
         outputs = executor(node, ctx)
-    except (UserError, KeyboardInterrupt):
+    except KeyboardInterrupt:
         store.fail_node(run_id, node.id, "interrupted")
+        raise
+    except (Unavailable, GateFailed):
         raise
     except BaseException as e:
         store.fail_node(run_id, node.id, f"{type(e).__name__}: {e}")

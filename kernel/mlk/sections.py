@@ -79,3 +79,22 @@ class StorageConfig(SectionConfig):
 
     name: str = Field("local", description="which plugin of the mlk.storage group stores files")
     keep: KeepConfig = Field(default_factory=lambda: KeepConfig())
+
+
+class ValidateConfig(BaseModel):
+    """``validate:``: how every compiled artifact is checked against the trained model, and the gates
+    that fail its node."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    split: Literal["test", "val"] = Field("test", description="the held-out split the metric is computed on")
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], description="batch sizes latency is measured at")
+    threads: int = Field(1, ge=1, description="CPU threads every runtime gets (fixed, so latencies compare)")
+    warmup: int = Field(5, ge=0, description="untimed runs before timing")
+    repeats: int = Field(50, ge=1, description="timed runs per batch size")
+    compare_inputs: int = Field(64, ge=1, description="fixed inputs on which outputs are compared")
+    max_metric_drop: float | None = Field(
+        None, ge=0, description="gate: largest accepted accuracy drop against the trained model (0.01 = 1 point)")
+    max_latency_ms: float | None = Field(None, gt=0, description="gate: largest accepted p99 latency at batch 1")
+    max_output_diff: float | None = Field(None, gt=0, description="gate: largest accepted max abs output difference")
+    max_size_mb: float | None = Field(None, gt=0, description="gate: largest accepted size on disk")

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mlk.errors import UserError, did_you_mean
 from mlk.hyperparameters import SearchSpace, parse_hyperparameter
-from mlk.sections import ResourcesConfig, SearcherConfig, StorageConfig
+from mlk.sections import ResourcesConfig, SearcherConfig, StorageConfig, ValidateConfig
 
 HP_PATTERN = re.compile(r"\$\{hp\.([A-Za-z_][\w]*)\}")
 BOUND_SECTIONS = ("framework", "data", "model")
@@ -59,7 +59,7 @@ class ReproducibilityConfig(BaseModel):
 class TopLevel(BaseModel):
     """The top level of a spec. Plugin sections are mappings here; their plugins validate them."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     description: str = Field("", description="free text shown by `mlk runs list`")
     seed: int = Field(0, ge=0, description="the root of every seed the run derives")
@@ -75,7 +75,10 @@ class TopLevel(BaseModel):
     reproducibility: ReproducibilityConfig = Field(default_factory=lambda: ReproducibilityConfig(),
                                                    description="bit-exact reproducibility switches")
     plugins: PluginsPolicy = Field(default_factory=lambda: PluginsPolicy(), description="which plugins may load")
-    compile: list[dict[str, Any]] = Field(default_factory=list, description="compile steps (later stages)")
+    compile: list[dict[str, Any]] = Field(
+        default_factory=list, description="compile and optimisation steps (plugins of mlk.compilers), in order")
+    validation: ValidateConfig = Field(default_factory=lambda: ValidateConfig(), alias="validate",
+                                       description="how compiled artifacts are validated, and their gates")
     deploy: list[dict[str, Any]] = Field(default_factory=list, description="deploy targets (later stages)")
 
 
@@ -178,6 +181,7 @@ def compose(args: Sequence[str]) -> tuple[Path, dict[str, Any]]:
         raise UserError("no spec chosen", where="command line", choices=available_specs(),
                         hint="pick one with +spec=NAME, e.g. `mlk run +spec=digits_random`")
     path = find_spec_file(name)
+    import yaml
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
@@ -202,6 +206,8 @@ def compose(args: Sequence[str]) -> tuple[Path, dict[str, Any]]:
                 names |= set(HP_PATTERN.findall(OmegaConf.to_yaml(cfg[section])))
         cfg["hp"] = {n: "\\${hp." + n + "}" for n in names}
         data = OmegaConf.to_container(cfg, resolve=True)
+    except yaml.YAMLError as e:
+        raise UserError(f"not valid YAML: {e}", where=str(path)) from None
     except (HydraException, OmegaConfBaseException) as e:
         cause = f" ({e.__cause__})" if e.__cause__ is not None else ""
         raise UserError(str(e).strip() + cause, where=str(path),
@@ -367,10 +373,31 @@ def validate_spec(raw: dict[str, Any], path: Path) -> Spec:
         storage, data["storage"] = _check_plugin_section(reg, "storage", {"name": "local", **top.storage},
                                                          "storage", probe)
         reg.get("searchers", searcher.name, where="searcher.name").check_space(searcher, space)
+        data["compile"] = _check_compile(reg, top.compile)
+        if data["compile"] and not fw_cls.export_format:
+            raise UserError(f"framework '{framework.name}' cannot export a model, so nothing can be compiled",
+                            where="compile")
     except UserError as e:
         e.where = f"{where}: {e.where}" if e.where else where
         raise UserError(e.message, where=e.where, choices=e.choices, got=e.got, hint=e.hint) from None
     return Spec(path.stem, path, data, space, searcher, resources, storage)
+
+
+def _check_compile(reg: Any, steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out, seen = [], set()
+    for i, step in enumerate(steps):
+        where = f"compile[{i}]"
+        if "name" not in step:
+            raise UserError("missing key 'name'", where=f"{where}.name", choices=reg.names("compilers"))
+        cls = reg.get("compilers", step["name"], where=f"{where}.name")
+        config = validate_section(cls.Config, step, where)
+        step_id = config.id or config.name
+        if step_id in seen:
+            raise UserError(f"two compile steps have the id '{step_id}'", where=f"{where}.id",
+                            hint="give one of them an `id:` of its own")
+        seen.add(step_id)
+        out.append(config.model_dump(mode="json"))
+    return out
 
 
 def _check_model(reg: Any, model: dict[str, Any], probe: dict[str, Any]) -> dict[str, Any]:

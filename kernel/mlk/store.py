@@ -184,9 +184,11 @@ class RunStore:
         return [self._run_row(r) for r in self.db.execute("SELECT * FROM runs ORDER BY created")]
 
     def resumable_run(self, spec_hash: str) -> dict[str, Any] | None:
-        """The latest run of this exact spec that did not finish and whose driver is gone."""
+        """The latest run of this exact spec that was interrupted (Ctrl-C, or killed: still 'running'
+        with its driver gone). A run that failed is not resumed by itself: its cause needs a fix
+        first, and `mlk runs resume RUN` resumes it on purpose."""
         rows = self.db.execute(
-            "SELECT * FROM runs WHERE spec_hash = ? AND status IN ('running', 'interrupted', 'failed')"
+            "SELECT * FROM runs WHERE spec_hash = ? AND status IN ('running', 'interrupted')"
             " AND reproduces IS NULL ORDER BY created DESC", (spec_hash,)).fetchall()
         for row in rows:
             if row["status"] == "running" and row["host"] == os.uname().nodename and _pid_alive(row["pid"]):
@@ -256,10 +258,18 @@ class RunStore:
                 (run_id, node_id, key or "", kind or "", json.dumps(outputs), reused_from, now, now),
             )
 
-    def fail_node(self, run_id: str, node_id: str, error: str) -> None:
+    def fail_node(self, run_id: str, node_id: str, error: str, status: str = "failed", outputs: Any = None,
+                  key: str = "", kind: str = "") -> None:
+        """Record that a node did not complete: ``failed``, ``unavailable`` here, or ``skipped``."""
+        now = time.time()
         with self.transaction() as db:
-            db.execute("UPDATE nodes SET status = 'failed', error = ?, finished = ? WHERE run_id = ? AND node_id = ?",
-                       (error, time.time(), run_id, node_id))
+            db.execute(
+                "INSERT INTO nodes (run_id, node_id, key, kind, status, error, outputs_json, started, finished)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id, node_id) DO UPDATE SET"
+                " status = excluded.status, error = excluded.error, outputs_json = excluded.outputs_json,"
+                " finished = excluded.finished",
+                (run_id, node_id, key, kind, status, error, json.dumps(outputs) if outputs is not None else None,
+                 now, now))
 
     # -- trials ---------------------------------------------------------------------------------
 

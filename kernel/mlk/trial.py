@@ -209,14 +209,16 @@ class TrialContext:
             shutil.rmtree(tmp, ignore_errors=True)
 
     @contextmanager
-    def restore_checkpoint(self) -> Iterator[tuple[Path, int] | None]:
-        """Yield ``(folder, resource)`` of this trial's latest checkpoint, or of ``parent``'s for a
-        new trial that starts from another; None when the trial starts from scratch."""
+    def restore_checkpoint(self, resource: int | None = None) -> Iterator[tuple[Path, int] | None]:
+        """Yield ``(folder, resource)`` of this trial's latest checkpoint (or the one at ``resource``),
+        or of ``parent``'s for a new trial that starts from another; None when there is none."""
         from mlk.storage import get_dir
 
         ckpts = self.store.checkpoints(self.run_id, self.trial_id)
         if not ckpts and self.parent is not None:
             ckpts = self.store.checkpoints(self.run_id, self.parent)
+        if resource is not None:
+            ckpts = [c for c in ckpts if c["resource"] == resource]
         if not ckpts:
             yield None
             return

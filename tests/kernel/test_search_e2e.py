@@ -79,3 +79,19 @@ def test_asha_and_nevergrad_runs(workdir: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     show = _show(workdir)
     assert len(show["trials"]) == 6 and show["summary"]["best_metrics"]["val_accuracy"] > 0.8
+
+
+@pytest.mark.slow
+def test_cifar_hb_runs_on_a_small_archive_in_cifar_format(workdir: Path) -> None:
+    from tests.plugins.test_datasets import write_archive
+
+    archive = write_archive(workdir / "cifar-10-python.tar.gz", per_batch=40)
+    proc = mlk("run", "+spec=cifar_hb", f"data.path={archive}", "searcher.max_resource=3",
+               "hyperparameters.lr.minval=-3", "hyperparameters.lr.maxval=-1", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    show = _show(workdir)
+    assert len(show["trials"]) == 5  # R=3, eta=3: brackets of 3 and 2 configurations
+    assert show["spec"]["data"]["augment"]["horizontal_flip"] == "${hp.horizontal_flip}"
+    flips = {t["hparams"]["horizontal_flip"] for t in show["trials"]}
+    assert flips <= {True, False}
+    assert show["provenance"]["data"]["sizes"]["test"] == 40

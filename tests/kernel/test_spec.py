@@ -147,3 +147,9 @@ def test_overrides_may_delete_or_copy_hyperparameter_references(workdir: Path, q
     (workdir / "specs" / "child.yaml").write_text("defaults:\n  - digits_random\n  - _self_\nseed: 5\n")
     spec = load_spec(["+spec=child", "~model.hidden"])  # the reference lives in the parent file
     assert spec["seed"] == 5 and spec["model"] == {"name": "digits_mlp", "hidden": 64, "dropout": "${hp.dropout}"}
+
+
+def test_invalid_yaml_is_a_user_error(workdir: Path) -> None:
+    (workdir / "specs" / "broken.yaml").write_text("seed: 1\nseed: 2\nsearcher: {name: random\n")
+    msg = _error(["+spec=broken"])
+    assert "broken.yaml" in msg and "not valid YAML" in msg

@@ -163,6 +163,9 @@ class SearchLoop:
             if t["status"] == "paused":  # the search is over: a trial left at a rung was stopped there
                 self.store.update_trial(self.run_id, t["trial_id"], status="stopped")
         trials = self.store.trials(self.run_id)
+        failed = [t for t in trials if t["status"] == "failed"]
+        if trials and len(failed) == len(trials):  # never reuse such a search: nothing came of it
+            raise MlkError(f"every trial failed ({len(failed)}); the last error:\n{failed[-1]['error']}")
         return {
             "run_id": self.run_id,
             "trials": len(trials),

@@ -14,6 +14,9 @@ from mlk.framework import Framework
 from mlk.sections import FrameworkConfig
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from mlk.compiler import Artifact, Runner
     from mlk.trial import TrialContext
 
 #: Names served from ``_impl`` on first access, so ``from mlk_plugins.frameworks.torch import
@@ -52,7 +55,20 @@ class TorchFramework(Framework):
     Config: ClassVar[type[TorchConfig]] = TorchConfig
     requires = ("torch", "safetensors", "numpy")
     extra = "torch"
+    export_format = "torch"
     config: TorchConfig
+
+    def export(self, ctx: TrialContext, resource: int, out: Path) -> Artifact:
+        """The model at the trial's checkpoint ``resource`` as a ``torch`` artifact (see
+        :mod:`mlk_plugins.frameworks.torch.artifacts`)."""
+        from mlk_plugins.frameworks.torch.artifacts import export_trial
+
+        return export_trial(ctx, resource, out)
+
+    def runner(self, artifact: Artifact, threads: int) -> Runner:
+        from mlk_plugins.frameworks.torch.artifacts import runner
+
+        return runner(artifact, threads)
 
     def train(self, ctx: TrialContext) -> None:
         from mlk_plugins.frameworks.torch._impl import trial_for

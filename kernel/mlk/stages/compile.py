@@ -1,0 +1,143 @@
+"""``compile/<id>`` nodes: plan the chain of compile steps by format, and run one step.
+
+The plan takes the spec's ``compile:`` entries in order. Each step reads the latest earlier
+artifact in a format it accepts (or the step named by its ``input``). When there is none, the
+kernel inserts the shortest chain of installed compilers that makes one (``tvm`` after ``torch``
+gets an ``onnx`` step in front), so a plugin that needs a format never needs a spec template.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlk.compiler import CompileInputs, Compiler
+from mlk.errors import UserError
+from mlk.graph import Node
+from mlk.spec import validate_section
+from mlk.stages.artifacts import best_trial_context, fetch_artifact, store_artifact
+from mlk.trial import derive_seed
+
+EXPORT = "export"
+
+
+@dataclass
+class Step:
+    """One planned compile step."""
+
+    id: str
+    config: dict[str, Any]
+    input: str            # node id of its source artifact
+    produces: str
+    inserted_for: str | None = None
+    needs: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def node_id(self) -> str:
+        return f"compile/{self.id}"
+
+
+def _compilers(reg: Any) -> dict[str, Any]:
+    out = {}
+    for entry in reg.entries("compilers"):
+        if reg.allowed(entry):
+            try:
+                out[entry.name] = entry.load()
+            except Exception:
+                continue
+    return out
+
+
+def _chain(reg: Any, have: set[str], want: tuple[str, ...]) -> list[str] | None:
+    """The shortest list of compiler names turning a format in ``have`` into one in ``want``."""
+    compilers = _compilers(reg)
+    queue: deque[tuple[str, list[str]]] = deque((f, []) for f in sorted(have))
+    seen = set(have)
+    while queue:
+        fmt, path = queue.popleft()
+        for name, cls in sorted(compilers.items()):
+            if fmt in cls.accepts and cls.produces not in seen:
+                if cls.produces in want:
+                    return [*path, name]
+                seen.add(cls.produces)
+                queue.append((cls.produces, [*path, name]))
+    return None
+
+
+def plan_steps(spec: Any, reg: Any, wanted: list[dict[str, Any]] | None = None) -> list[Step]:
+    """The compile steps of ``spec`` (or of ``wanted`` entries), with inserted ones, in order."""
+    fw = reg.get("frameworks", spec["framework"]["name"], where="framework.name")
+    formats: dict[str, str] = {EXPORT: fw.export_format}
+    steps: list[Step] = []
+    taken = set()
+
+    def unique(name: str) -> str:
+        step_id, n = name, 1
+        while step_id in taken:
+            n += 1
+            step_id = f"{name}{n}"
+        taken.add(step_id)
+        return step_id
+
+    for cfg in spec["compile"]:
+        taken.add(cfg.get("id") or cfg["name"])
+    for i, cfg in enumerate(wanted if wanted is not None else spec["compile"]):
+        cls = reg.get("compilers", cfg["name"], where=f"compile[{i}].name")
+        if cfg.get("input"):
+            source = f"compile/{cfg['input']}" if cfg["input"] != EXPORT else EXPORT
+            if source not in formats:
+                raise UserError(f"input '{cfg['input']}' is not an earlier step", where=f"compile[{i}].input",
+                                choices=[EXPORT, *(s.id for s in steps)], got=cfg["input"])
+            if formats[source] not in cls.accepts:
+                raise UserError(f"'{cfg['input']}' makes {formats[source]}, but {cls.name} accepts "
+                                f"{', '.join(cls.accepts)}", where=f"compile[{i}].input")
+        else:
+            source = next((n for n in reversed(formats) if formats[n] in cls.accepts), "")
+            if not source:
+                chain = _chain(reg, set(formats.values()), cls.accepts)
+                if chain is None:
+                    raise UserError(f"{cls.name} needs {' or '.join(cls.accepts)}, and no installed compiler "
+                                    f"makes that from {', '.join(sorted(set(formats.values())))}",
+                                    where=f"compile[{i}]", hint="`mlk plugins list` shows the compilers")
+                for name in chain:
+                    helper = reg.get("compilers", name, where=f"compile[{i}]")
+                    src = next(n for n in reversed(formats) if formats[n] in helper.accepts)
+                    step = Step(unique(name), {"name": name}, src, helper.produces, inserted_for=cls.name,
+                                needs=cls.accepts)
+                    steps.append(step)
+                    formats[step.node_id] = step.produces
+                source = next(n for n in reversed(formats) if formats[n] in cls.accepts)
+        step_id = cfg.get("id") or cfg["name"]
+        taken.add(step_id)
+        step = Step(step_id, cfg, source, cls.produces)
+        steps.append(step)
+        formats[step.node_id] = step.produces
+    return steps
+
+
+def run(node: Node, ctx: Any) -> dict[str, Any]:
+    step = node.config["step"]
+    cls = ctx.registry.get("compilers", step["name"], where="compile.name")
+    cls.ensure_available()
+    compiler: Compiler = cls(validate_section(cls.Config, step, f"compile '{node.id}'"))
+    source_node = node.config["input"]
+    work = Path(tempfile.mkdtemp(prefix="mlk-compile-"))
+    try:
+        source = fetch_artifact(ctx, ctx.outputs[source_node], work / "source")
+        splits = best_trial_context(ctx).load_data() if ctx.spec["data"] is not None else None
+        threads = ctx.spec["validate"]["threads"]
+        inputs = CompileInputs(
+            calibration=splits.train[0][:512] if splits is not None else None, data=splits, threads=threads,
+            seed=derive_seed(ctx.spec["seed"], node.id), context=best_trial_context(ctx))
+        out = work / "out"
+        out.mkdir()
+        artifact = compiler.compile(source, out, inputs)
+        outputs = store_artifact(ctx, node.id, artifact)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ctx.say(f"{node.id}: {source.format} -> {artifact.format} ({outputs['size_bytes'] / 1e6:.2f} MB)")
+    return outputs

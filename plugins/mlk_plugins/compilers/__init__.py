@@ -1,0 +1,1 @@
+"""Compiler plugins (``mlk.compilers``): turn a model artifact of one format into another."""

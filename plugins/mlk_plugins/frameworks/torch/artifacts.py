@@ -1,0 +1,134 @@
+"""The ``torch`` artifact format: what the torch framework exports and torch-to-torch passes write.
+
+A folder with:
+
+- ``model.pt2``: the model as a ``torch.export`` ExportedProgram (eval mode, batch axis dynamic),
+  loadable without the model's code; ONNX and CoreML conversion start from it.
+- ``model.safetensors``: the weights, and ``module.json``: how to rebuild the ``nn.Module`` (the
+  spec's ``model`` section with hyperparameters bound, the dataset ``meta``) plus the layers a pass
+  replaced by ``Identity``. :func:`load_module` rebuilds the module and resizes any layer whose
+  saved weights have another shape (channel pruning), so passes can chain.
+- ``artifact.json``: the :class:`mlk.compiler.Artifact` facts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mlk.compiler import Artifact
+from mlk.trial import TrialContext, build_model
+
+PROGRAM = "model.pt2"
+WEIGHTS = "model.safetensors"
+MODULE = "module.json"
+
+
+def example_input(meta: dict[str, Any], batch: int = 2) -> torch.Tensor:
+    return torch.zeros((batch, *meta["input_shape"]), dtype=torch.float32)
+
+
+def write_artifact(module: nn.Module, out: Path, base: Artifact | None, meta: dict[str, Any],
+                   rebuild: dict[str, Any], step: str) -> Artifact:
+    """Save ``module`` as a torch artifact in ``out`` (exported program, weights, rebuild recipe)."""
+    module = module.eval()
+    example = example_input(meta)
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(out / PROGRAM))
+    state = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+    save_file(state, str(out / WEIGHTS))
+    identities = [name for name, m in module.named_modules() if isinstance(m, nn.Identity) and name]
+    (out / MODULE).write_text(json.dumps({**rebuild, "identity": identities}, indent=1, sort_keys=True))
+    facts = {"input_name": "x", "output_name": "logits", "dtype": "float32", "file": PROGRAM,
+             "parameters": sum(p.numel() for p in module.parameters())}
+    artifact = (base.derive("torch", out, step, **facts) if base is not None
+                else Artifact("torch", out, {**meta, **facts, "steps": [step]}))
+    artifact.save_meta()
+    return artifact
+
+
+def export_trial(ctx: TrialContext, resource: int, out: Path) -> Artifact:
+    """The trial's model at its checkpoint ``resource`` as a torch artifact (framework ``export``)."""
+    from mlk_plugins.frameworks.torch._impl import trial_for
+    from mlk_plugins.frameworks.torch import TorchConfig
+
+    trial = trial_for(ctx, TorchConfig.model_validate(ctx.framework))
+    trial.setup()
+    with ctx.restore_checkpoint(resource) as found:
+        if found is None:
+            from mlk.errors import MlkError
+
+            raise MlkError(f"trial {ctx.trial_id} has no checkpoint at {resource} epochs to export "
+                           "(storage.keep.trial_best must keep it)")
+        trial.load(found[0])
+    meta = {k: trial.meta[k] for k in ("input_shape", "num_classes", "layout") if k in trial.meta}
+    meta.update({"trial_id": ctx.trial_id, "resource": resource, "classes": trial.meta.get("classes")})
+    rebuild = {"model": ctx.model, "meta": trial.meta}
+    return write_artifact(trial.model, out, None, meta, rebuild, f"export trial {ctx.trial_id} @ {resource}")
+
+
+def load_module(artifact: Artifact) -> nn.Module:
+    """Rebuild the ``nn.Module`` of a torch artifact (layers resized to the saved weights)."""
+    from mlk.registry import registry
+
+    recipe = json.loads((artifact.path / MODULE).read_text())
+    module = build_model(registry(), recipe["model"], "torch", recipe["meta"])
+    for name in recipe.get("identity", []):
+        _set_submodule(module, name, nn.Identity())
+    state = load_file(str(artifact.path / WEIGHTS))
+    _resize_to(module, state)
+    module.load_state_dict(state)
+    return module.eval()
+
+
+def rebuild_recipe(artifact: Artifact) -> dict[str, Any]:
+    recipe = json.loads((artifact.path / MODULE).read_text())
+    recipe.pop("identity", None)
+    return recipe
+
+
+def runner(artifact: Artifact, threads: int) -> Any:
+    """Inference on a torch artifact: numpy batch in, numpy logits out."""
+    import numpy as np
+
+    torch.set_num_threads(max(1, threads))
+    program = torch.export.load(str(artifact.path / PROGRAM)).module()
+
+    def run(x: Any) -> Any:
+        with torch.no_grad():
+            return program(torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+
+    return run
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def _resize_to(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Replace Conv2d/Linear/BatchNorm layers whose saved weights have other shapes (pruned channels)."""
+    for name, layer in list(module.named_modules()):
+        weight = state.get(f"{name}.weight")
+        if weight is None or not hasattr(layer, "weight") or layer.weight is None:
+            continue
+        if tuple(layer.weight.shape) == tuple(weight.shape):
+            continue
+        bias = f"{name}.bias" in state
+        if isinstance(layer, nn.Conv2d):
+            new: nn.Module = nn.Conv2d(weight.shape[1] * layer.groups, weight.shape[0], layer.kernel_size,
+                                       layer.stride, layer.padding, layer.dilation, layer.groups, bias)
+        elif isinstance(layer, nn.Linear):
+            new = nn.Linear(weight.shape[1], weight.shape[0], bias)
+        elif isinstance(layer, nn.BatchNorm1d | nn.BatchNorm2d):
+            new = type(layer)(weight.shape[0], eps=layer.eps, momentum=layer.momentum)
+        else:
+            continue
+        _set_submodule(module, name, new)
