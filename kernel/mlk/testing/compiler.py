@@ -69,7 +69,7 @@ class CompilerContract:
         assert artifact.meta["steps"][-1]
 
     def test_runner_matches_the_reference(self, compiled: tuple[Artifact, Any, Any, Any]) -> None:
-        artifact, reference, x, y = compiled
+        artifact, reference, x, _labels = compiled
         if self.unavailable_here:
             return
         run = self.compiler().runner(artifact, 1)

@@ -55,8 +55,8 @@ def write_artifact(module: nn.Module, out: Path, base: Artifact | None, meta: di
 
 def export_trial(ctx: TrialContext, resource: int, out: Path) -> Artifact:
     """The trial's model at its checkpoint ``resource`` as a torch artifact (framework ``export``)."""
-    from mlk_plugins.frameworks.torch._impl import trial_for
     from mlk_plugins.frameworks.torch import TorchConfig
+    from mlk_plugins.frameworks.torch._impl import trial_for
 
     trial = trial_for(ctx, TorchConfig.model_validate(ctx.framework))
     trial.setup()
