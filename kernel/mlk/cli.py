@@ -164,6 +164,7 @@ def _graph(args: argparse.Namespace) -> int:
                 found[node.id] = last["fingerprint"]
     graph.rekey(found)
     print(f"run graph of {spec.name} ({spec.file})")
+    width = max(len(n.id) for n in graph.nodes)
     for node in graph.nodes:
         done = None if node.volatile else store.completed_node(node.key)
         if node.volatile:
@@ -171,9 +172,9 @@ def _graph(args: argparse.Namespace) -> int:
         else:
             state = f"reuse from {done['run_id']}" if done else "to run"
         deps = f" <- {', '.join(node.inputs)}" if node.inputs else ""
-        print(f"  {node.id:<10} [{node.kind}] {node.key[:12]}  {state}{deps}")
+        print(f"  {node.id:<{width}} [{node.kind}] {node.key[:12]}  {state}{deps}")
         if node.describe:
-            print(f"             {node.describe}")
+            print(f"  {'':<{width}} {node.describe}")
     print(f"  backend: {json.dumps(backend_plan)}")
     return 0
 

@@ -5,6 +5,8 @@
   that goes on, stops as one that ends.
 - ``best_so_far.png``: the best metric so far against cumulative epochs trained, the measure of
   how fast a search finds good models.
+- ``artifacts.png`` (runs with a ``compile`` section): accuracy against p50 latency at batch 1 for
+  every validated artifact, the marker's area proportional to its size on disk.
 """
 
 from __future__ import annotations
@@ -98,4 +100,29 @@ def plot_run(run_ref: str, out: Path | None = None) -> list[Path]:
     fig.savefig(path)
     plt.close(fig)
     written.append(path)
+
+    if d["validation"]:
+        fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+        largest = max(r["size_bytes"] for r in d["validation"])
+        for r in d["validation"]:
+            latency = r["latency"].get("1", r["latency"][min(r["latency"], key=int)])["p50_ms"]
+            ax.scatter([latency], [r["accuracy"]], s=40 + 600 * r["size_bytes"] / largest, alpha=0.6)
+            ax.annotate(f"{r['artifact'].removeprefix('compile/')}\n{r['size_bytes'] / 1e6:.2f} MB",
+                        (latency, r["accuracy"]), fontsize=8, xytext=(6, 4), textcoords="offset points")
+        first = d["validation"][0]
+        ref_latency = first["reference_latency"].get("1", first["reference_latency"][min(first["reference_latency"],
+                                                                                             key=int)])["p50_ms"]
+        ax.scatter([ref_latency], [first["reference_accuracy"]], marker="x", color="black", s=60,
+                   label=f"trained model ({first['reference_size_bytes'] / 1e6:.2f} MB, framework eager)")
+        ax.axhline(first["reference_accuracy"], color="grey", linestyle="--", linewidth=1)
+        ax.set_xlabel(f"p50 latency at batch 1 (ms, {d['validation'][0]['threads']} thread(s))")
+        ax.set_ylabel(f"accuracy ({d['validation'][0]['split']} split)")
+        ax.set_title(f"artifacts of run {d['id']}: accuracy, latency, size")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        path = out / "artifacts.png"
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
     return written

@@ -101,7 +101,7 @@ def test_compile_chain_is_planned_by_format_validated_and_reused(workdir: Path, 
     (workdir / "specs" / "dc.yaml").write_text(SPEC + FAST + "compile:\n  - {name: fp16}\n")
     graph = mlk("graph", "+spec=dc", cwd=workdir, env=compilers)
     assert graph.returncode == 0, graph.stderr
-    assert "compile/numpy_mlp [compile]" in graph.stdout and "(inserted: fp16 needs numpy_mlp)" in graph.stdout
+    assert "compile/numpy_mlp  [compile]" in graph.stdout and "(inserted: fp16 needs numpy_mlp)" in graph.stdout
     assert "validate/fp16" in graph.stdout and "validate/numpy_mlp" in graph.stdout
     proc = mlk("run", "+spec=dc", cwd=workdir, env=compilers)
     assert proc.returncode == 0, proc.stderr
@@ -119,6 +119,8 @@ def test_compile_chain_is_planned_by_format_validated_and_reused(workdir: Path, 
         assert r["size_bytes"] > 0 and r["peak_rss_mb"] > 0 and r["gates"]["passed"]
     text = mlk("runs", "show", show["id"], cwd=workdir, env=compilers).stdout
     assert "artifacts" in text and "compile/fp16" in text
+    plots = mlk("runs", "plot", show["id"], "--out", str(workdir / "figs"), cwd=workdir, env=compilers)
+    assert plots.returncode == 0 and (workdir / "figs" / "artifacts.png").read_bytes()[:4] == b"\x89PNG"
     # a changed compile section reuses the search and everything upstream
     (workdir / "specs" / "dc.yaml").write_text(SPEC + "compile:\n  - {name: fp16}\n  - {name: fp16, id: noisy, "
                                                "noise: 0.5, input: numpy_mlp}\nvalidate: {max_metric_drop: 0.02, "

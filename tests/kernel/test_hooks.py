@@ -57,7 +57,7 @@ def test_plugin_hooks_are_called_and_extend_the_graph(workdir: Path, quad_spec: 
     log = workdir / "hooks.jsonl"
     env = {"PYTHONPATH": f"{hook_site}:{ROOT}", "HOOK_LOG": str(log)}
     graph = mlk("graph", "+spec=quad", cwd=workdir, env=env)
-    assert "summary    [report]" in graph.stdout and "<- select" in graph.stdout
+    assert "summary [report]" in graph.stdout and "<- select" in graph.stdout
     proc = mlk("run", "+spec=quad", cwd=workdir, env=env)
     assert proc.returncode == 0, proc.stderr
     calls = [json.loads(line) for line in log.read_text().splitlines()]

@@ -56,7 +56,7 @@ def test_second_run_reuses_completed_nodes(workdir: Path, quad_spec: Path) -> No
     fresh = mlk("run", "+spec=quad", "--fresh", cwd=workdir)
     assert "search: 6 done" in fresh.stderr
     changed = mlk("graph", "+spec=quad", "searcher.max_trials=7", cwd=workdir)
-    assert "search     [search]" in changed.stdout and "to run" in changed.stdout
+    assert "search [search]" in changed.stdout and "to run" in changed.stdout
 
 
 def test_graph_runs_nothing(workdir: Path, quad_spec: Path) -> None:

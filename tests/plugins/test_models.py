@@ -21,6 +21,7 @@ from mlk_plugins.models.digits_mlp import DigitsMLP  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 ENTRY_POINTS = {
     "digits_mlp": "mlk_plugins.models.digits_mlp:DigitsMLP",
+    "resnet18": "mlk_plugins.models.resnet18:ResNet18",
     "cifar_cnn": "mlk_plugins.models.cifar_cnn:CifarCNN",
 }
 DIGITS_META = {"input_shape": [64], "num_classes": 10, "layout": "flat", "classes": list("0123456789")}

@@ -118,7 +118,7 @@ def run(node: Node, ctx: Any) -> dict[str, Any]:
         art_out = ctx.outputs[node.config["artifact"]]
         art = fetch_artifact(ctx, art_out, work / "artifact")
         common = (x, cfg["compare_inputs"], cfg["threads"], cfg["batch_sizes"], cfg["warmup"], cfg["repeats"])
-        ref = _in_child("framework", ctx.spec["framework"]["name"], str(ref_art.path), *common, False)
+        ref = _in_child("framework", ctx.spec["framework"]["name"], str(ref_art.path), *common, True)
         got = _in_child("compiler", node.config["compiler"], str(art.path), *common, True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -131,7 +131,8 @@ def run(node: Node, ctx: Any) -> dict[str, Any]:
         "accuracy_drop": ref_acc - acc,
         "top1_agreement": float((ref["outputs"].argmax(1) == got["outputs"].argmax(1)).mean()),
         "max_output_diff": float(np.abs(ref["compare"] - got["compare"]).max()),
-        "latency": got["latency"], "threads": cfg["threads"], "size_bytes": art_out["size_bytes"],
+        "latency": got["latency"], "reference_latency": ref["latency"], "threads": cfg["threads"],
+        "size_bytes": art_out["size_bytes"], "reference_size_bytes": ctx.outputs["export"]["size_bytes"],
         "peak_rss_mb": got["peak_rss_mb"], "model_rss_mb": got["model_rss_mb"],
     }
     failures = gate_failures(report, cfg)

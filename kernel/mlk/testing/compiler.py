@@ -32,6 +32,10 @@ class CompilerContract:
         """``(artifact, reference_runner, inputs, labels)``; inputs are a float32 numpy batch."""
         raise NotImplementedError
 
+    def compiled_inputs(self) -> CompileInputs | None:
+        """What the compile step gets besides its source (default: the inputs as calibration data)."""
+        return None
+
     def compiler(self) -> Compiler:
         cls = registry().get("compilers", self.plugin, where="compile.name")
         return cls(cls.Config.model_validate({"name": self.plugin, **self.config}))  # type: ignore[no-any-return]
@@ -42,7 +46,7 @@ class CompilerContract:
         out = tmp_path / "out"
         out.mkdir()
         compiler = self.compiler()
-        inputs = CompileInputs(calibration=x[:128], data=None, threads=1, seed=0)
+        inputs = self.compiled_inputs() or CompileInputs(calibration=x[:128], data=None, threads=1, seed=0)
         if self.unavailable_here:
             with pytest.raises(Unavailable) as info:
                 artifact = compiler.compile(source, out, inputs)
@@ -79,5 +83,7 @@ class CompilerContract:
             got, want = run(x[:size]), reference(x[:size])
             assert got.shape == want.shape, (size, got.shape, want.shape)
         got, want = run(x), reference(x)
-        assert float(np.abs(got - want).max()) <= self.max_diff
-        assert float((got.argmax(1) == want.argmax(1)).mean()) >= self.min_agreement
+        diff = float(np.abs(got - want).max())
+        agreement = float((got.argmax(1) == want.argmax(1)).mean())
+        assert diff <= self.max_diff, f"max abs difference {diff:.3g} > {self.max_diff:.3g}"
+        assert agreement >= self.min_agreement, f"top-1 agreement {agreement:.3f} < {self.min_agreement}"

@@ -5,9 +5,9 @@ A folder with:
 - ``model.pt2``: the model as a ``torch.export`` ExportedProgram (eval mode, batch axis dynamic),
   loadable without the model's code; ONNX and CoreML conversion start from it.
 - ``model.safetensors``: the weights, and ``module.json``: how to rebuild the ``nn.Module`` (the
-  spec's ``model`` section with hyperparameters bound, the dataset ``meta``) plus the layers a pass
-  replaced by ``Identity``. :func:`load_module` rebuilds the module and resizes any layer whose
-  saved weights have another shape (channel pruning), so passes can chain.
+  spec's ``model`` section with hyperparameters bound, the dataset ``meta``). :func:`load_module`
+  rebuilds the module and fits it to the saved weights (pruned channels, folded batch norms), so
+  passes can chain.
 - ``artifact.json``: the :class:`mlk.compiler.Artifact` facts.
 """
 
@@ -43,8 +43,7 @@ def write_artifact(module: nn.Module, out: Path, base: Artifact | None, meta: di
     torch.export.save(program, str(out / PROGRAM))
     state = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
     save_file(state, str(out / WEIGHTS))
-    identities = [name for name, m in module.named_modules() if isinstance(m, nn.Identity) and name]
-    (out / MODULE).write_text(json.dumps({**rebuild, "identity": identities}, indent=1, sort_keys=True))
+    (out / MODULE).write_text(json.dumps(rebuild, indent=1, sort_keys=True))
     facts = {"input_name": "x", "output_name": "logits", "dtype": "float32", "file": PROGRAM,
              "parameters": sum(p.numel() for p in module.parameters())}
     artifact = (base.derive("torch", out, step, **facts) if base is not None
@@ -77,20 +76,15 @@ def load_module(artifact: Artifact) -> nn.Module:
     """Rebuild the ``nn.Module`` of a torch artifact (layers resized to the saved weights)."""
     from mlk.registry import registry
 
+    from mlk_plugins.compilers.passes import load_resized
+
     recipe = json.loads((artifact.path / MODULE).read_text())
     module = build_model(registry(), recipe["model"], "torch", recipe["meta"])
-    for name in recipe.get("identity", []):
-        _set_submodule(module, name, nn.Identity())
-    state = load_file(str(artifact.path / WEIGHTS))
-    _resize_to(module, state)
-    module.load_state_dict(state)
-    return module.eval()
+    return load_resized(module, load_file(str(artifact.path / WEIGHTS))).eval()
 
 
 def rebuild_recipe(artifact: Artifact) -> dict[str, Any]:
-    recipe = json.loads((artifact.path / MODULE).read_text())
-    recipe.pop("identity", None)
-    return recipe
+    return dict(json.loads((artifact.path / MODULE).read_text()))
 
 
 def runner(artifact: Artifact, threads: int) -> Any:
@@ -105,30 +99,3 @@ def runner(artifact: Artifact, threads: int) -> Any:
             return program(torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))).numpy()
 
     return run
-
-
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
-def _resize_to(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Replace Conv2d/Linear/BatchNorm layers whose saved weights have other shapes (pruned channels)."""
-    for name, layer in list(module.named_modules()):
-        weight = state.get(f"{name}.weight")
-        if weight is None or not hasattr(layer, "weight") or layer.weight is None:
-            continue
-        if tuple(layer.weight.shape) == tuple(weight.shape):
-            continue
-        bias = f"{name}.bias" in state
-        if isinstance(layer, nn.Conv2d):
-            new: nn.Module = nn.Conv2d(weight.shape[1] * layer.groups, weight.shape[0], layer.kernel_size,
-                                       layer.stride, layer.padding, layer.dilation, layer.groups, bias)
-        elif isinstance(layer, nn.Linear):
-            new = nn.Linear(weight.shape[1], weight.shape[0], bias)
-        elif isinstance(layer, nn.BatchNorm1d | nn.BatchNorm2d):
-            new = type(layer)(weight.shape[0], eps=layer.eps, momentum=layer.momentum)
-        else:
-            continue
-        _set_submodule(module, name, new)
