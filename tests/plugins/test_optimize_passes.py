@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tests.plugins.compiler_sources import torch_source, trained_digits
+
 from mlk.compiler import CompileInputs
 from mlk.testing.compiler import CompilerContract
-from tests.plugins.compiler_sources import torch_source, trained_digits
 
 MLP = {"name": "digits_mlp", "hidden": 64, "dropout": 0.0}
 RESNET = {"name": "resnet18", "width": 8, "small_input": True}

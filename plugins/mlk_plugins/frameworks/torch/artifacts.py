@@ -75,7 +75,6 @@ def export_trial(ctx: TrialContext, resource: int, out: Path) -> Artifact:
 def load_module(artifact: Artifact) -> nn.Module:
     """Rebuild the ``nn.Module`` of a torch artifact (layers resized to the saved weights)."""
     from mlk.registry import registry
-
     from mlk_plugins.compilers.passes import load_resized
 
     recipe = json.loads((artifact.path / MODULE).read_text())
