@@ -38,6 +38,13 @@ def best_so_far(reports: list[dict[str, Any]], metric: str, mode: str) -> tuple[
     return xs, ys
 
 
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_run(run_ref: str, out: Path | None = None) -> list[Path]:
     try:
         import matplotlib
@@ -82,11 +89,7 @@ def plot_run(run_ref: str, out: Path | None = None) -> list[Path]:
     if any(g != "-" for g in groups):
         ax.legend()
     ax.grid(alpha=0.3)
-    path = out / "learning_curves.png"
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(plt, fig, out / "learning_curves.png"))
 
     xs, ys = best_so_far(reports, metric, mode)
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
@@ -95,11 +98,7 @@ def plot_run(run_ref: str, out: Path | None = None) -> list[Path]:
     ax.set_ylabel(f"best {metric} so far")
     ax.set_title(f"best so far, run {d['id']} ({d['spec']['searcher']['name']})")
     ax.grid(alpha=0.3)
-    path = out / "best_so_far.png"
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(plt, fig, out / "best_so_far.png"))
 
     if d["validation"]:
         fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
@@ -120,9 +119,5 @@ def plot_run(run_ref: str, out: Path | None = None) -> list[Path]:
         ax.set_title(f"artifacts of run {d['id']}: accuracy, latency, size")
         ax.legend()
         ax.grid(alpha=0.3)
-        path = out / "artifacts.png"
-        fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(plt, fig, out / "artifacts.png"))
     return written

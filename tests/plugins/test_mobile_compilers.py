@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from mlk.compiler import Artifact, CompileConfig, CompileInputs, Compiler, Unavailable
+from mlk.testing.compiler import CompilerContract
 from mlk_plugins.compilers.coreml import CoremlCompiler
 from mlk_plugins.compilers.tensorrt import TensorrtCompiler
 from mlk_plugins.compilers.tflite import TfliteCompiler
@@ -372,3 +373,72 @@ def test_tensorrt_engine_matches_torch(kind: str, precision: str, request: pytes
         assert np.abs(got - ref).max() <= 1e-4
     else:
         assert _agreement(got, ref) >= 0.95
+
+
+# ------------------------------------------------------------------- the compiler conformance suite
+# These run once the entry points are declared in pyproject.toml and the distribution is reinstalled.
+
+
+def _registered(name: str) -> bool:
+    from importlib.metadata import entry_points
+
+    return name in {e.name for e in entry_points(group="mlk.compilers")}
+
+
+def _not_registered(name: str) -> Any:
+    return pytest.mark.skipif(not _registered(name), reason=f"'{name}' is not registered in mlk.compilers")
+
+
+DIGITS_MLP = {"name": "digits_mlp", "hidden": 32, "dropout": 0.0}
+
+
+def _onnx_source(tmp_path: Path) -> tuple[Any, Any, Any, Any]:
+    from tests.plugins.compiler_sources import torch_source
+
+    artifact, reference, x, y = torch_source(tmp_path, DIGITS_MLP)
+    return _to_onnx(artifact, tmp_path / "onnx"), reference, x, y
+
+
+@needs_tflite
+@_not_registered("tflite")
+class TestTfliteContract(CompilerContract):
+    plugin = "tflite"
+
+    def source(self, tmp_path: Path) -> tuple[Any, Any, Any, Any]:
+        return _onnx_source(tmp_path)
+
+
+@needs_tflite
+@_not_registered("tflite")
+class TestTfliteInt8Contract(CompilerContract):
+    plugin = "tflite"
+    config = {"quantize": "int8", "calibration_size": 128}
+    max_diff = 5.0
+    min_agreement = 0.95
+
+    def source(self, tmp_path: Path) -> tuple[Any, Any, Any, Any]:
+        return _onnx_source(tmp_path)
+
+
+@needs_coreml
+@_not_registered("coreml")
+class TestCoremlContract(CompilerContract):
+    plugin = "coreml"
+    config = {"precision": "fp32"}
+    max_diff = 1e-3
+    unavailable_here = None if sys.platform == "darwin" else "Core ML predicts only on macOS"
+
+    def source(self, tmp_path: Path) -> tuple[Any, Any, Any, Any]:
+        from tests.plugins.compiler_sources import torch_source
+
+        return torch_source(tmp_path, DIGITS_MLP)
+
+
+@_not_registered("tensorrt")
+class TestTensorrtContract(CompilerContract):
+    plugin = "tensorrt"
+    config = {"precision": "fp32"}
+    unavailable_here = None if _has_tensorrt_gpu() else "TensorRT needs an NVIDIA GPU and the tensorrt package"
+
+    def source(self, tmp_path: Path) -> tuple[Any, Any, Any, Any]:
+        return _onnx_source(tmp_path)

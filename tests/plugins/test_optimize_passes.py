@@ -28,9 +28,9 @@ class TestFoldBatchNorm(CompilerContract):
         assert report["pairs_folded"] >= 20 and report["batchnorms_left"] == 0
 
 
-class TestPrune(CompilerContract):
-    plugin = "prune"
-    config = {"amount": 0.5, "structured": True, "finetune_epochs": 2}
+class TrainingPassContract(CompilerContract):
+    """Passes that train: their outputs differ from the teacher's, so agreement is the check."""
+
     max_diff = 100.0
     min_agreement = 0.8
 
@@ -40,6 +40,11 @@ class TestPrune(CompilerContract):
     def compiled_inputs(self) -> CompileInputs:
         return CompileInputs(calibration=None, data=trained_digits(tuple(sorted(MLP.items())))[2], threads=1,
                              seed=0)
+
+
+class TestPrune(TrainingPassContract):
+    plugin = "prune"
+    config = {"amount": 0.5, "structured": True, "finetune_epochs": 2}
 
     def test_model_is_smaller_and_still_accurate(self, compiled: Any) -> None:
         artifact, *_ = compiled
@@ -48,18 +53,9 @@ class TestPrune(CompilerContract):
         assert report["val_after_finetune"]["accuracy"] > 0.85
 
 
-class TestDistill(CompilerContract):
+class TestDistill(TrainingPassContract):
     plugin = "distill"
     config = {"student": {"name": "digits_mlp", "hidden": 16}, "epochs": 15, "lr": 0.005}
-    max_diff = 100.0
-    min_agreement = 0.8
-
-    def source(self, tmp_path: Path) -> tuple[Any, Any, Any, Any]:
-        return torch_source(tmp_path, MLP)
-
-    def compiled_inputs(self) -> CompileInputs:
-        return CompileInputs(calibration=None, data=trained_digits(tuple(sorted(MLP.items())))[2], threads=1,
-                             seed=0)
 
     def test_student_is_smaller(self, compiled: Any) -> None:
         artifact, *_ = compiled
