@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, pinned: the CPU wheel on this machine's disk (any other version pulls a CUDA build).
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[all,dev]'
+	# onnx2tf (the tflite compiler's ONNX -> TensorFlow step) pins old onnx/numpy/protobuf: no deps.
+	$(BIN)/python -m pip install -q --no-deps onnx2tf==1.29.24 onnx-graphsurgeon==0.6.1 sng4onnx==2.0.1 \
+		sne4onnx==2.0.1 tf-keras==2.21.0
 	touch $(STAMP)
 
 test: setup

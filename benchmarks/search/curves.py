@@ -248,19 +248,19 @@ def generate(n: int, epochs: int, seed: int, chunk: int, threads: int) -> dict[s
     timings = []
     for ci, plan in enumerate(plans):
         t0 = time.perf_counter()
+        label = (f"chunk {ci + 1}/{len(plans)} (batch {configs[plan[0]]['batch_size']}, {len(plan)} models, "
+                 f"width <= {max(int(configs[i]['hidden']) for i in plan)})")
 
-        def progress(epoch: int, ci: int = ci) -> None:
+        def progress(epoch: int, label: str = label, base: float = done_cost, cost: float = costs[ci]) -> None:
             nonlocal last_say
             now = time.perf_counter()
             if now - last_say < 15 and epoch != epochs:
                 return
             last_say = now
-            frac = (done_cost + costs[ci] * epoch) / total_cost
+            frac = (base + cost * epoch) / total_cost
             elapsed = now - started
             eta = elapsed / frac * (1 - frac) if frac > 0 else float("nan")
-            say(f"chunk {ci + 1}/{len(plans)} (batch {configs[plan[0]]['batch_size']}, {len(plan)} models, "
-                f"width <= {max(int(configs[i]['hidden']) for i in plan)}) epoch {epoch}/{epochs}; "
-                f"{100 * frac:.1f}% done, {elapsed:.0f}s elapsed, ETA {eta:.0f}s")
+            say(f"{label} epoch {epoch}/{epochs}; {100 * frac:.1f}% done, {elapsed:.0f}s elapsed, ETA {eta:.0f}s")
 
         out = train_chunk([configs[i] for i in plan], [model_seed(seed, i) for i in plan], data, epochs,
                           drop_seed=model_seed(seed, -1 - ci), on_epoch=progress)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlk.compiler import CompileInputs, Compiler
+from mlk.compiler import CompileInputs, Compiler, Unavailable
 from mlk.errors import UserError
 from mlk.graph import Node
 from mlk.spec import validate_section
@@ -122,7 +122,10 @@ def plan_steps(spec: Any, reg: Any, wanted: list[dict[str, Any]] | None = None) 
 def run(node: Node, ctx: Any) -> dict[str, Any]:
     step = node.config["step"]
     cls = ctx.registry.get("compilers", step["name"], where="compile.name")
-    cls.ensure_available()
+    missing = cls.missing_requirements()
+    if missing:  # the other artifacts can still be made and checked
+        raise Unavailable(f"{cls.name} needs {', '.join(missing)}, which is not installed here; "
+                          f"{cls.install_hint()}")
     compiler: Compiler = cls(validate_section(cls.Config, step, f"compile '{node.id}'"))
     source_node = node.config["input"]
     work = Path(tempfile.mkdtemp(prefix="mlk-compile-"))

@@ -30,7 +30,7 @@ OUTPUT = "logits"
 class OnnxConfig(CompileConfig):
     """``compile:`` entry of ``name: onnx``."""
 
-    opset: int = Field(18, ge=7, le=23, description="ONNX opset of the default domain (the dynamo exporter "
+    opset: int = Field(18, ge=7, description="ONNX opset of the default domain (the dynamo exporter "
                                                     "writes 18 and converts down to lower ones)")
     exporter: Literal["dynamo", "torchscript"] = Field(
         "dynamo", description="dynamo: torch.onnx.export(dynamo=True) on the ExportedProgram (needs onnxscript); "

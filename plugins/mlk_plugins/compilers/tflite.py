@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,7 +63,7 @@ class TfliteCompiler(Compiler):
             saved = Path(tmp) / "saved_model"
             tf.saved_model.save(keras_model, str(saved))
             converter = tf.lite.TFLiteConverter.from_saved_model(str(saved))
-            nhwc = _channels_last(shape, [d for d in keras_model.inputs[0].shape[1:]])
+            nhwc = _channels_last(shape, list(keras_model.inputs[0].shape[1:]))
             if cfg.quantize != "none":
                 converter.optimizations = [tf.lite.Optimize.DEFAULT]
             if calibration is not None:
@@ -185,14 +186,21 @@ def _onnx_to_keras(onnx_file: Path, tmp: Path, shape: list[int], calibration: An
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
-    with mock.patch.object(module, "download_test_image_data", _offline_samples(shape, calibration)):
-        return module.convert(
-            input_onnx_file_path=str(onnx_file),
-            output_folder_path=str(tmp / "onnx2tf"),
-            not_use_onnxsim=True,
-            disable_model_save=True,
-            verbosity="error",
-        )
+    # onnx2tf may rewrite the ONNX file it is given (shape inference): give it a copy.
+    copy = tmp / "onnx"
+    shutil.copytree(onnx_file.parent, copy)
+    try:
+        with mock.patch.object(module, "download_test_image_data", _offline_samples(shape, calibration)):
+            return module.convert(
+                input_onnx_file_path=str(copy / onnx_file.name),
+                output_folder_path=str(tmp / "onnx2tf"),
+                not_use_onnxsim=True,
+                disable_model_save=True,
+                verbosity="error",
+            )
+    except SystemExit as e:  # onnx2tf exits on what it cannot convert, after logging why
+        raise MlkError(f"onnx2tf could not convert {onnx_file.name} (exit status {e.code}; its log above "
+                       "says why)") from None
 
 
 def _offline_samples(shape: list[int], calibration: Any) -> Any:
