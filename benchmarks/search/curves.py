@@ -47,11 +47,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-DATA_DIR = HERE / "data"
-TABLE = DATA_DIR / "digits_curves.npz"
-BASE_SPEC = REPO / "specs" / "digits_base.yaml"
+from benchmarks.search.replay import BASE_SPEC, REPO, TABLE, digits_space
+
 EPOCHS = 81
 HP_NAMES = ("lr", "hidden", "dropout", "batch_size")
 
@@ -63,16 +60,6 @@ def say(message: str) -> None:
 
 
 # -- configurations and data ----------------------------------------------------------------------
-
-
-def digits_space() -> Any:
-    """The ``hyperparameters:`` of specs/digits_base.yaml as an mlk :class:`SearchSpace`."""
-    import yaml
-
-    from mlk.hyperparameters import SearchSpace, parse_hyperparameter
-
-    raw = yaml.safe_load(BASE_SPEC.read_text())["hyperparameters"]
-    return SearchSpace({k: parse_hyperparameter(v) for k, v in raw.items()})
 
 
 def sample_configs(n: int, seed: int) -> list[dict[str, Any]]:
@@ -297,14 +284,6 @@ def save(result: dict[str, Any], out: Path, argv: list[str], seed: int, chunk: i
         "configs": configs,
     }
     out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
-
-
-# -- table access ---------------------------------------------------------------------------------
-
-
-def load_table(path: Path = TABLE) -> dict[str, np.ndarray]:
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}
 
 
 # -- checking the batched training against plain torch ----------------------------------------------

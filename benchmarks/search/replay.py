@@ -53,14 +53,36 @@ import random
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+TABLE = HERE / "data" / "digits_curves.npz"
+BASE_SPEC = REPO / "specs" / "digits_base.yaml"
 
 EPSILON_TIME = 0.2  # epoch durations are uniform in [1 - EPSILON_TIME, 1 + EPSILON_TIME]
 
 
 # -- problems ---------------------------------------------------------------------------------------
+
+
+def digits_space() -> Any:
+    """The ``hyperparameters:`` of specs/digits_base.yaml as an mlk :class:`SearchSpace`."""
+    import yaml
+
+    from mlk.hyperparameters import SearchSpace, parse_hyperparameter
+
+    raw = yaml.safe_load(BASE_SPEC.read_text())["hyperparameters"]
+    return SearchSpace({k: parse_hyperparameter(v) for k, v in raw.items()})
+
+
+def load_table(path: Path = TABLE) -> dict[str, np.ndarray]:
+    """The arrays of a table written by :mod:`benchmarks.search.curves`."""
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
 
 
 class Problem:
@@ -250,9 +272,11 @@ class Trace:
         return cls(**d)
 
 
-def simulate(problem: Problem, method: Method, budget: int, seed: int, workers: int = 2) -> Trace:
-    """Run ``method`` on ``problem`` with ``workers`` simulated workers until ``budget`` epochs are spent
-    or the method has nothing more to run; see the module docstring."""
+def simulate(problem: Problem, method: Method, budget: int, seed: int, workers: int = 2,
+             stop_at: float | None = None) -> Trace:
+    """Run ``method`` on ``problem`` with ``workers`` simulated workers until ``budget`` epochs are spent,
+    the method has nothing more to run, or (with ``stop_at``) the best-so-far reaches ``stop_at``;
+    see the module docstring."""
     rng = random.Random(seed)
 
     def duration() -> float:
@@ -288,6 +312,8 @@ def simulate(problem: Problem, method: Method, budget: int, seed: int, workers: 
             best = q
             trace.epochs.append(used)
             trace.best.append(best)
+            if stop_at is not None and best <= stop_at:
+                break
         go_on = method.on_epoch(job, epoch, value)
         if epoch >= job.target or not go_on:
             running.remove(entry)
@@ -574,9 +600,12 @@ LABELS = {
 }
 
 
-def run_one(problem: Problem, kind: str, seed: int, budget: int, workers: int = 2) -> Trace:
+def run_one(problem: Problem, kind: str, seed: int, budget: int, workers: int = 2,
+            stop_at: float | None = None) -> Trace:
+    """One replay of method ``kind`` with ``seed`` (the searcher's seed; the workers' timing seed is
+    derived from it)."""
     method = make_method(kind, problem, seed, budget, workers=workers)
-    trace = simulate(problem, method, budget, seed=10_000 + seed, workers=workers)
+    trace = simulate(problem, method, budget, seed=10_000 + seed, workers=workers, stop_at=stop_at)
     trace.label = kind
     return trace
 

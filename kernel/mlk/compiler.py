@@ -42,7 +42,8 @@ class Artifact:
         path: a folder holding the artifact's files.
         meta: facts every step passes on and adds to: ``input_name``, ``input_shape`` (one example,
             no batch axis), ``dtype``, ``num_classes``, ``layout``, ``file`` (the main file, relative
-            to ``path``), ``steps`` (the compile steps so far).
+            to ``path``), ``steps`` (the compile steps so far), ``batch_size`` (a fixed batch axis, or
+            absent/None when any batch works).
     """
 
     format: str

@@ -50,11 +50,14 @@ def _compile_nodes(spec: Any) -> list[Node]:
     nodes = [Node(id=EXPORT, kind="export", run="mlk.stages.export:run", inputs=["select"],
                   config={"framework": spec["framework"]["name"]},
                   describe="the selected trial's model at its best checkpoint, as the framework exports it")]
-    for step in plan_steps(spec, registry()):
+    reg = registry()
+    for step in plan_steps(spec, reg):
         why = f" (inserted: {step.inserted_for} needs {', '.join(step.needs)})" if step.inserted_for else ""
+        cls = reg.get("compilers", step.config["name"], where="compile.name")
+        source_format = step.source_format
         nodes.append(Node(id=step.node_id, kind="compile", run="mlk.stages.compile:run",
                           config={"step": step.config, "input": step.input}, inputs=[step.input, *data],
-                          describe=f"{step.config['name']}: -> {step.produces}{why}"))
+                          describe=cls(cls.Config.model_validate(step.config)).describe(source_format) + why))
         nodes.append(Node(id=f"validate/{step.id}", kind="validate", run="mlk.stages.validate:run",
                           config={"artifact": step.node_id, "compiler": step.config["name"],
                                   "validate": spec["validate"]},

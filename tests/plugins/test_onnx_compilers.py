@@ -336,6 +336,18 @@ def test_onnx_lower_opset(tmp_path: Path) -> None:
     check_runner(compiler.runner(artifact, 2), "conv", FP32_TOLERANCE)
 
 
+def test_onnx_dynamo_converts_down_or_says_why(tmp_path: Path) -> None:
+    import onnx
+
+    source = torch_source(tmp_path, "conv")
+    compiler, artifact = compile_with(OnnxCompiler, source, tmp_path, "conv", opset=17)
+    assert artifact.meta["opset"] == 17 and onnx.load(str(artifact.file)).opset_import[0].version == 17
+    check_runner(compiler.runner(artifact, 1), "conv", FP32_TOLERANCE)
+    # onnx's version converter has no down-adapter for Relu 14 -> 13
+    with pytest.raises(UserError, match=r"(?s)down to 13.*exporter: torchscript"):
+        compile_with(OnnxCompiler, torch_source(tmp_path / "13", "conv"), tmp_path / "13", "conv", opset=13)
+
+
 def test_onnx_corrupt_program_is_a_clear_error(tmp_path: Path) -> None:
     source = torch_source(tmp_path, "mlp")
     (source.path / "model.pt2").write_bytes(b"not a zip archive at all")
@@ -443,6 +455,8 @@ def test_tvm_target_forms() -> None:
         parse_target("llvm -mcpu")
     with pytest.raises(UserError, match="not valid JSON"):
         parse_target('{"kind": llvm}')
+    with pytest.raises(UserError, match="empty"):
+        parse_target("  ")
     for other in ("cuda", '{"kind": "cuda", "arch": "sm_80"}', "opencl -device=mali"):
         with pytest.raises(Unavailable, match="CPU"):
             parse_target(other)
@@ -518,6 +532,8 @@ def test_tvm_corrupt_inputs_are_clear_errors(tmp_path: Path) -> None:
     artifact.file.unlink()
     with pytest.raises(MlkError, match="does not exist"):
         compiler.runner(artifact, 1)
+    with pytest.raises(UserError, match="TVM rejects the target"):
+        compile_with(TvmCompiler, source, tmp_path / "bad-target", "mlp", target='{"kind": "llvm", "cores": 2}')
 
 
 # -- the chain torch -> onnx -> onnxruntime / tvm, through the kernel's conformance suite --------------

@@ -33,6 +33,7 @@ class Step:
     config: dict[str, Any]
     input: str            # node id of its source artifact
     produces: str
+    source_format: str = ""
     inserted_for: str | None = None
     needs: tuple[str, ...] = field(default_factory=tuple)
 
@@ -106,14 +107,14 @@ def plan_steps(spec: Any, reg: Any, wanted: list[dict[str, Any]] | None = None) 
                 for name in chain:
                     helper = reg.get("compilers", name, where=f"compile[{i}]")
                     src = next(n for n in reversed(formats) if formats[n] in helper.accepts)
-                    step = Step(unique(name), {"name": name}, src, helper.produces, inserted_for=cls.name,
-                                needs=cls.accepts)
+                    step = Step(unique(name), {"name": name}, src, helper.produces, formats[src],
+                                inserted_for=cls.name, needs=cls.accepts)
                     steps.append(step)
                     formats[step.node_id] = step.produces
                 source = next(n for n in reversed(formats) if formats[n] in cls.accepts)
         step_id = cfg.get("id") or cfg["name"]
         taken.add(step_id)
-        step = Step(step_id, cfg, source, cls.produces)
+        step = Step(step_id, cfg, source, cls.produces, formats[source])
         steps.append(step)
         formats[step.node_id] = step.produces
     return steps

@@ -3,7 +3,9 @@
 Two exporters: ``dynamo`` (the default of torch >= 2.9: ``torch.onnx.export(..., dynamo=True)`` on the
 ExportedProgram, which needs onnxscript) and ``torchscript`` (the legacy tracer, run on the program's
 ``.module()``). The input is named ``x`` and the output ``logits``; the batch axis stays symbolic
-(``batch``) unless ``dynamic_batch: false``, which fixes it at 1. ``cleanup`` runs onnxscript's
+(``batch``) unless ``dynamic_batch: false``, which fixes it at 1 (meta ``batch_size``: the fixed
+batch, or None). Opsets below 18 come from the torchscript exporter directly, or from the dynamo
+exporter's opset-18 model through ``onnx.version_converter``. ``cleanup`` runs onnxscript's
 optimizer (constant folding, removal of Identity and unused nodes, function inlining) and records
 the node counts before and after. The model is checked with ``onnx.checker`` before it is written.
 
@@ -13,14 +15,17 @@ The helpers :func:`load_onnx`, :func:`ort_runner` and :func:`run_in_chunks` are 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from mlk.compiler import Artifact, CompileConfig, CompileInputs, Compiler, Runner
-from mlk.errors import MlkError
+from mlk.compiler import Artifact, CompileConfig, CompileInputs, Compiler, Runner, Unavailable
+from mlk.errors import MlkError, UserError
 
 FILE = "model.onnx"
 INPUT = "x"
@@ -30,8 +35,9 @@ OUTPUT = "logits"
 class OnnxConfig(CompileConfig):
     """``compile:`` entry of ``name: onnx``."""
 
-    opset: int = Field(18, ge=7, description="ONNX opset of the default domain (the dynamo exporter "
-                                                    "writes 18 and converts down to lower ones)")
+    opset: int = Field(18, ge=7, description="ONNX opset of the default domain; the dynamo exporter writes 18+ "
+                                             "and converts down with onnx's version converter, which fails "
+                                             "below 14 (use the torchscript exporter there)")
     exporter: Literal["dynamo", "torchscript"] = Field(
         "dynamo", description="dynamo: torch.onnx.export(dynamo=True) on the ExportedProgram (needs onnxscript); "
                               "torchscript: the legacy tracing exporter on the program's module")
@@ -63,8 +69,9 @@ class OnnxCompiler(Compiler):
         c = self.config
         program = _load_program(source)
         shape = list(source.meta["input_shape"])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer, deprecation and training-mode notices of the exporters
+        # tracer, deprecation and training-mode notices of the exporters; "torchvision is not installed"
+        with warnings.catch_warnings(), _quiet("torch.onnx"):
+            warnings.simplefilter("ignore")
             if c.exporter == "dynamo":
                 model = _export_dynamo(program, shape, c.opset, c.dynamic_batch)
             else:
@@ -72,13 +79,15 @@ class OnnxCompiler(Compiler):
         before = _count_nodes(model)
         if c.cleanup:
             model = _cleanup(model)
+        if _opset(model) > c.opset:
+            model = _convert_opset(model, c.opset)
         after = _count_nodes(model)
         try:
             onnx.checker.check_model(model, full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
             raise MlkError(f"the exported ONNX model of {source.path} is invalid: {e}") from e
         onnx.save(model, str(out / FILE))
-        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), c.opset)
+        opset = _opset(model)
         batch = None if c.dynamic_batch else 1
         step = f"onnx opset {opset} ({c.exporter}{', cleanup' if c.cleanup else ''})"
         artifact = source.derive(
@@ -101,10 +110,23 @@ def _load_program(source: Artifact) -> Any:
     if not path.is_file():
         raise MlkError(f"torch artifact {source.path} has no model.pt2 (the torch.export program to convert)")
     try:
-        return torch.export.load(str(path))
+        with _quiet("torch.export"):  # it logs a traceback before raising
+            return torch.export.load(str(path))
     except Exception as e:  # torch raises many types (zip, pickle, version errors) for a bad file
         raise MlkError(f"cannot load {path} as a torch.export program ({type(e).__name__}: {e}); "
                        "re-export the model") from e
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Only errors from the ``logger`` hierarchy while inside."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _example(shape: list[int], batch: int) -> Any:
@@ -116,7 +138,8 @@ def _example(shape: list[int], batch: int) -> Any:
 def _export_dynamo(program: Any, shape: list[int], opset: int, dynamic_batch: bool) -> Any:
     import torch
 
-    common = {"input_names": [INPUT], "output_names": [OUTPUT], "opset_version": opset, "dynamo": True,
+    # It writes opset 18 at least; lower ones are converted after the cleanup (see _convert_opset).
+    common = {"input_names": [INPUT], "output_names": [OUTPUT], "opset_version": max(opset, 18), "dynamo": True,
               "optimize": False, "verbose": False, "external_data": False}
     if dynamic_batch:
         # The program's batch axis is already symbolic; dynamic_shapes only names it "batch".
@@ -166,6 +189,22 @@ def _cleanup(model: Any) -> Any:
     return optimizer.optimize(model)
 
 
+def _opset(model: Any) -> int:
+    return int(next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")))
+
+
+def _convert_opset(model: Any, opset: int) -> Any:
+    """``model`` converted down to ``opset`` with onnx's version converter."""
+    import onnx.version_converter
+
+    try:
+        return onnx.version_converter.convert_version(model, opset)
+    except Exception as e:  # the converter raises RuntimeError for operators it has no adapter for
+        raise UserError(f"cannot convert the exported model from opset {_opset(model)} down to {opset}: {e}",
+                        where="compile.opset", hint="use exporter: torchscript (it writes low opsets directly), "
+                                                    "keep cleanup: true, or ask for a higher opset") from e
+
+
 def _count_nodes(model: Any) -> int:
     return len(model.graph.node)
 
@@ -209,7 +248,11 @@ def run_in_chunks(run: Runner, x: Any, batch: int | None) -> Any:
 
 def ort_session(path: Path, threads: int, optimize: bool = True) -> Any:
     """An onnxruntime CPU session on ``path`` with ``threads`` intra-op threads."""
-    import onnxruntime as ort
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise Unavailable(f"running an ONNX model here needs onnxruntime, which is not installed ({e}); "
+                          'install it with: pip install "mlk-kernel[onnx]"') from e
 
     if not path.is_file():
         raise MlkError(f"ONNX model {path} does not exist")

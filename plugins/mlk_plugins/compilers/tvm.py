@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -165,6 +166,8 @@ class TvmCompiler(Compiler):
 def parse_target(text: str) -> dict[str, Any]:
     """``text`` (a kind, JSON, or ``llvm -key=value ...``) as a TVM target dict; CPU (llvm) targets only."""
     text = text.strip()
+    if not text:
+        raise UserError("target is empty", where="compile.target", hint='use "llvm" for this CPU')
     if text.startswith("{"):
         try:
             spec = json.loads(text)
@@ -207,13 +210,17 @@ def _check_tuning() -> None:
         raise Unavailable(
             f"MetaSchedule tuning does not work with the installed TVM {tvm.__version__}: importing "
             f"tvm.s_tir.meta_schedule or serialising a TIR function (tvm.ir.save_json), which its database "
-            f"and builder need, fails (exit code {probe.returncode}{_last_line(probe.stderr)}); use "
-            "tuning_trials: 0 or another TVM build")
+            f"and builder need, fails ({_why(probe)}); use tuning_trials: 0 or another TVM build")
 
 
-def _last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return f": {lines[-1].strip()}" if lines else ""
+def _why(probe: subprocess.CompletedProcess[str]) -> str:
+    if probe.returncode < 0:
+        try:
+            return f"the process died of {signal.Signals(-probe.returncode).name}"
+        except ValueError:
+            return f"the process died of signal {-probe.returncode}"
+    lines = [line.strip() for line in probe.stderr.splitlines() if line.strip()]
+    return f"exit code {probe.returncode}" + (f": {lines[-1]}" if lines else "")
 
 
 def _tune_and_compile(mod: Any, spec: dict[str, Any], trials: int, inputs: CompileInputs) -> Any:
