@@ -110,6 +110,15 @@ class Compiler(Plugin):
     def __init__(self, config: CompileConfig) -> None:
         self.config = config
 
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Why this compiler cannot work on this machine, or None when it can. The default names missing
+        requirements and the install command; hardware-bound compilers say what hardware is missing."""
+        missing = cls.missing_requirements()
+        if not missing:
+            return None
+        return f"{cls.name} needs {', '.join(missing)}, which is not installed here; {cls.install_hint()}"
+
     def describe(self, source_format: str) -> str:
         """One line for ``mlk graph``: what this step would do to a ``source_format`` artifact."""
         return f"{self.name}: {source_format} -> {self.produces}"

@@ -153,3 +153,25 @@ def test_no_path_to_a_format_is_a_plan_error(workdir: Path, compilers: dict) -> 
     (workdir / "specs" / "dc.yaml").write_text(SPEC + "compile:\n  - {name: fp16}\n  - {name: fp16}\n")
     proc = mlk("graph", "+spec=dc", cwd=workdir, env=compilers)
     assert proc.returncode == 2 and "two compile steps have the id 'fp16'" in proc.stderr
+
+
+@pytest.mark.slow
+def test_builtin_compilers_end_to_end(workdir: Path) -> None:
+    """digits_hb's compile section with a small search: every builtin runtime built and validated."""
+    proc = mlk("run", "+spec=digits_hb", "searcher.max_resource=3", "validate.repeats=10",
+               "compile=[{name: onnx}, {name: onnxruntime, quantize: static}, {name: tvm}, {name: tflite}, "
+               "{name: coreml}, {name: tensorrt}, {name: onnxruntime, id: ort_dynamic, quantize: dynamic}]",
+               cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    show = _show(workdir, {})
+    reports = {r["artifact"]: r for r in show["validation"]}
+    for exact in ("compile/onnx", "compile/tvm", "compile/tflite"):
+        assert reports[exact]["max_output_diff"] < 1e-4 and reports[exact]["top1_agreement"] == 1.0, exact
+    for int8 in ("compile/onnxruntime", "compile/ort_dynamic"):
+        assert reports[int8]["top1_agreement"] > 0.95 and reports[int8]["accuracy_drop"] <= 0.02, int8
+        assert reports[int8]["size_bytes"] < reports["compile/onnx"]["size_bytes"]
+    nodes = {n["node_id"]: n for n in show["nodes"]}
+    assert nodes["compile/coreml"]["status"] == "done"
+    assert nodes["validate/coreml"]["status"] == "unavailable" and "macOS" in nodes["validate/coreml"]["error"]
+    assert nodes["compile/tensorrt"]["status"] == "unavailable"
+    assert "NVIDIA GPU" in nodes["compile/tensorrt"]["error"]

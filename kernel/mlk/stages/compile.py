@@ -123,10 +123,9 @@ def plan_steps(spec: Any, reg: Any, wanted: list[dict[str, Any]] | None = None) 
 def run(node: Node, ctx: Any) -> dict[str, Any]:
     step = node.config["step"]
     cls = ctx.registry.get("compilers", step["name"], where="compile.name")
-    missing = cls.missing_requirements()
-    if missing:  # the other artifacts can still be made and checked
-        raise Unavailable(f"{cls.name} needs {', '.join(missing)}, which is not installed here; "
-                          f"{cls.install_hint()}")
+    reason = cls.unavailable_reason()
+    if reason:  # the other artifacts can still be made and checked
+        raise Unavailable(reason)
     compiler: Compiler = cls(validate_section(cls.Config, step, f"compile '{node.id}'"))
     source_node = node.config["input"]
     work = Path(tempfile.mkdtemp(prefix="mlk-compile-"))

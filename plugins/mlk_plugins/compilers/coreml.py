@@ -10,8 +10,12 @@ and its runner raises :class:`~mlk.compiler.Unavailable` saying so.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -49,6 +53,10 @@ class CoremlCompiler(Compiler):
                f"{self.config.minimum_deployment_target})"
 
     def compile(self, source: Artifact, out: Path, inputs: CompileInputs) -> Artifact:
+        with _quiet_coremltools():
+            return self._compile(source, out, inputs)
+
+    def _compile(self, source: Artifact, out: Path, inputs: CompileInputs) -> Artifact:
         import coremltools as ct
         import numpy as np
         import torch
@@ -150,3 +158,22 @@ def _count_ops(block: Any, ops: Counter[str]) -> None:
         ops[op.type] += 1
         for inner in op.blocks:
             _count_ops(inner, ops)
+
+
+@contextlib.contextmanager
+def _quiet_coremltools() -> Iterator[None]:
+    """coremltools logs a warning per missing macOS runtime proxy on import and draws progress bars for
+    every conversion pass; mlk's own progress line says what is happening, so both are silenced."""
+    logger = logging.getLogger("coremltools")
+    level, previous = logger.level, os.environ.get("TQDM_DISABLE")
+    logger.setLevel(logging.ERROR)
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if previous is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = previous
+

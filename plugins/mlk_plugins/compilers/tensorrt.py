@@ -50,6 +50,14 @@ class TensorrtCompiler(Compiler):
     produces = "tensorrt"
     requires = ("tensorrt",)
     extra = "tensorrt"
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        try:
+            load_tensorrt()
+        except Unavailable as e:
+            return f"{e}; {cls.install_hint()} on a machine with one"
+        return None
     config: TensorrtConfig
 
     def describe(self, source_format: str) -> str:
