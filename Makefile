@@ -36,6 +36,8 @@ lint: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.kernel.run
+	$(BIN)/python -m benchmarks.search.run
+	$(BIN)/python -m benchmarks.compile.run
 
 clean:
 	rm -rf $(VENV) .mlk .pytest_cache .ruff_cache .mypy_cache

@@ -217,7 +217,24 @@ def plan_chunks(configs: list[dict[str, Any]], chunk: int) -> list[list[int]]:
     return plans
 
 
-def generate(n: int, epochs: int, seed: int, chunk: int, threads: int) -> dict[str, Any]:
+_DATA: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _chunk_task(args: tuple[list[dict[str, Any]], list[int], int, int, int]) -> dict[str, Any]:
+    """One chunk in a worker process (``--processes`` > 1): the same computation as in-process."""
+    configs, seeds, epochs, drop_seed, threads = args
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    if not _DATA:
+        _DATA.update(digits_tensors())
+    t0 = time.perf_counter()
+    out = train_chunk(configs, seeds, _DATA, epochs, drop_seed=drop_seed)
+    return {"curves": out, "seconds": time.perf_counter() - t0}
+
+
+def generate(n: int, epochs: int, seed: int, chunk: int, threads: int, processes: int = 1) -> dict[str, Any]:
+    """Train every chunk; with ``processes`` > 1, chunks run in that many worker processes (same numbers:
+    a chunk's result depends only on its configurations and seeds)."""
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)  # Adam's second moments decay into denormals, which are very slow on CPU
     configs = sample_configs(n, seed)
@@ -233,29 +250,50 @@ def generate(n: int, epochs: int, seed: int, chunk: int, threads: int) -> dict[s
     done_cost = 0.0
     last_say = 0.0
     timings = []
-    for ci, plan in enumerate(plans):
-        t0 = time.perf_counter()
-        label = (f"chunk {ci + 1}/{len(plans)} (batch {configs[plan[0]]['batch_size']}, {len(plan)} models, "
-                 f"width <= {max(int(configs[i]['hidden']) for i in plan)})")
 
-        def progress(epoch: int, label: str = label, base: float = done_cost, cost: float = costs[ci]) -> None:
-            nonlocal last_say
-            now = time.perf_counter()
-            if now - last_say < 15 and epoch != epochs:
-                return
-            last_say = now
-            frac = (base + cost * epoch) / total_cost
-            elapsed = now - started
-            eta = elapsed / frac * (1 - frac) if frac > 0 else float("nan")
-            say(f"{label} epoch {epoch}/{epochs}; {100 * frac:.1f}% done, {elapsed:.0f}s elapsed, ETA {eta:.0f}s")
+    def label(ci: int) -> str:
+        plan = plans[ci]
+        return (f"chunk {ci + 1}/{len(plans)} (batch {configs[plan[0]]['batch_size']}, {len(plan)} models, "
+                f"width <= {max(int(configs[i]['hidden']) for i in plan)})")
 
-        out = train_chunk([configs[i] for i in plan], [model_seed(seed, i) for i in plan], data, epochs,
-                          drop_seed=model_seed(seed, -1 - ci), on_epoch=progress)
+    def report(text: str, frac: float) -> None:
+        elapsed = time.perf_counter() - started
+        eta = elapsed / frac * (1 - frac) if frac > 0 else float("nan")
+        say(f"{text}; {100 * frac:.1f}% done, {elapsed:.0f}s elapsed, ETA {eta:.0f}s")
+
+    def store(ci: int, out: dict[str, np.ndarray], seconds: float) -> None:
+        nonlocal done_cost
+        plan = plans[ci]
         for name, arr in out.items():
             curves[name][plan] = arr
         done_cost += costs[ci] * epochs
         timings.append({"chunk": ci, "models": len(plan), "batch_size": int(configs[plan[0]]["batch_size"]),
-                        "width": max(int(configs[i]["hidden"]) for i in plan), "seconds": time.perf_counter() - t0})
+                        "width": max(int(configs[i]["hidden"]) for i in plan), "seconds": seconds})
+
+    tasks = [([configs[i] for i in plan], [model_seed(seed, i) for i in plan], epochs, model_seed(seed, -1 - ci),
+              threads) for ci, plan in enumerate(plans)]
+    if processes > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        with ProcessPoolExecutor(max_workers=processes, mp_context=get_context("spawn")) as pool:
+            for ci, res in enumerate(pool.map(_chunk_task, tasks)):
+                store(ci, res["curves"], res["seconds"])
+                report(f"{label(ci)} done", done_cost / total_cost)
+    else:
+        for ci, (cfgs, seeds, _, drop_seed, _) in enumerate(tasks):
+            t0 = time.perf_counter()
+
+            def progress(epoch: int, text: str = label(ci), base: float = done_cost, cost: float = costs[ci]) -> None:
+                nonlocal last_say
+                now = time.perf_counter()
+                if now - last_say < 15 and epoch != epochs:
+                    return
+                last_say = now
+                report(f"{text} epoch {epoch}/{epochs}", (base + cost * epoch) / total_cost)
+
+            out = train_chunk(cfgs, seeds, data, epochs, drop_seed=drop_seed, on_epoch=progress)
+            store(ci, out, time.perf_counter() - t0)
     return {"configs": configs, "curves": curves, "seconds": time.perf_counter() - started, "chunks": timings}
 
 
@@ -326,6 +364,32 @@ def reference_check(n: int = 3, epochs: int = 2, seed: int = 7) -> float:
     return worst
 
 
+def verify(path: Path, chunks: int, threads: int) -> int:
+    """Retrain the first ``chunks`` chunks of the table at ``path`` with its recorded seed and chunk size,
+    and compare every curve bit for bit."""
+    meta = json.loads(path.with_suffix(".json").read_text())
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    configs = sample_configs(meta["n"], meta["seed"])
+    if configs != meta["configs"]:
+        say("the configurations differ from the table's")
+        return 1
+    with np.load(path) as z:
+        table = {k: z[k] for k in ("val_loss", "val_accuracy", "train_loss")}
+    data = digits_tensors()
+    same = True
+    for ci, plan in enumerate(plan_chunks(configs, meta["chunk"])[:chunks]):
+        t0 = time.perf_counter()
+        out = train_chunk([configs[i] for i in plan], [model_seed(meta["seed"], i) for i in plan], data,
+                          meta["epochs"], drop_seed=model_seed(meta["seed"], -1 - ci))
+        equal = all(np.array_equal(out[k], table[k][plan]) for k in out)
+        worst = max(float(np.abs(out[k] - table[k][plan]).max()) for k in out)
+        say(f"chunk {ci + 1}: {len(plan)} models, {'identical' if equal else f'max difference {worst:.3g}'} "
+            f"({time.perf_counter() - t0:.0f}s)")
+        same = same and equal
+    return 0 if same else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m benchmarks.search.curves", description=__doc__,
@@ -336,15 +400,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk", type=int, default=64, help="models trained together (default 64)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared 2-core machine more threads mostly wait)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="worker processes, each training whole chunks (default 1; the table is the same)")
     p.add_argument("--out", type=Path, default=TABLE, help=f"the .npz to write (default {TABLE})")
     p.add_argument("--check", action="store_true", help="only compare batched training with plain torch")
+    p.add_argument("--verify", type=int, metavar="K", default=0,
+                   help="retrain the first K chunks and compare them with the table at --out (bit for bit)")
     args = p.parse_args(argv)
     if args.check:
         say(f"largest |val_loss difference| batched vs nn.Module + Adam: {reference_check():.2e}")
         return 0
+    if args.verify:
+        return verify(args.out, args.verify, args.threads)
     say(f"{args.n} configurations x {args.epochs} epochs, seed {args.seed}, chunks of {args.chunk}, "
         f"{args.threads} threads")
-    result = generate(args.n, args.epochs, args.seed, args.chunk, args.threads)
+    result = generate(args.n, args.epochs, args.seed, args.chunk, args.threads, args.processes)
     save(result, args.out, argv, args.seed, args.chunk, args.threads)
     say(f"done in {result['seconds']:.0f}s; wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB) and "
         f"{args.out.with_suffix('.json')}")

@@ -11,16 +11,17 @@ The fidelity is a resource r in 1..R (R = 81 here, like epochs). With z(r) = ln 
 r = 1, 1 at r = R) and the mirrored function m(x) = h6(1 - x) (a Hartmann landscape whose best
 region is where h6 is poor)::
 
-    f(x, r) = h6(x) + (1 - z) * (offset + w * (m(x) - h6(x))) + sigma * (1 - z) * e(x, r)
+    f(x, r) = h6(x) + (1 - z^p) * (offset + w * (m(x) - h6(x))) + sigma * (1 - z) * e(x, r)
 
 - ``offset`` = 0.5: every configuration looks worse at low resource, like a learning curve.
-- ``w``: how much the low fidelities follow the mirrored function instead of h6.
-  ``good`` (w = 0.1): at r = 1, f is 0.9 h6 + 0.1 m; low fidelities rank configurations almost as
-  the full one does (Spearman rank correlation with f(., R) over 4000 uniform points, noise
-  included: 0.87 at r = 1, 0.90 at r = 3, 0.94 at r = 9, 0.98 at r = 27). ``poor`` (w = 1): at
-  r = 1, f is m(x) + offset, unrelated to h6 (Spearman -0.08 at r = 1, 0.31 at r = 3, 0.57 at
-  r = 9, 0.81 at r = 27), and the configurations that look best at low resource are poor at full
-  resource, so early stopping throws the good ones away.
+- ``w``, ``p``: how much, and up to which resource, the low fidelities follow the mirrored function
+  instead of h6.
+  ``good`` (w = 0.1, p = 1): at r = 1, f is 0.9 h6 + 0.1 m; low fidelities rank configurations
+  almost as the full one does (Spearman rank correlation with f(., R) over 4000 uniform points,
+  noise included: 0.87 at r = 1, 0.90 at r = 3, 0.94 at r = 9, 0.98 at r = 27).
+  ``poor`` (w = 1, p = 2): up to r = 9 f is mostly m(x) + offset (Spearman -0.08 at r = 1, 0.04
+  at r = 3, 0.31 at r = 9, 0.64 at r = 27), and the configurations that look best at r <= 9 are
+  poor at full resource (their h6 is near 0), so early stopping throws the good ones away.
 - ``e(x, r)``: standard normal noise, a deterministic function of (x, r, seed), so asking for the
   same configuration at the same resource twice gives the same value; ``sigma`` = 0.05.
 
@@ -56,8 +57,8 @@ NAMES = tuple(f"x{j + 1}" for j in range(DIM))
 
 OFFSET = 0.5
 SIGMA = 0.05
-#: How much the low fidelities follow the mirrored function, per variant.
-VARIANTS = {"good": 0.1, "poor": 1.0}
+#: (w, p) of each variant: how much, and how far up the resources, the low fidelities follow m(x).
+VARIANTS = {"good": (0.1, 1.0), "poor": (1.0, 2.0)}
 
 
 def h6(x: Sequence[float] | np.ndarray) -> np.ndarray | float:
@@ -90,7 +91,7 @@ class MultiFidelityHartmann:
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
         self.variant = variant
-        self.weight = VARIANTS[variant]
+        self.weight, self.power = VARIANTS[variant]
         self.max_resource = max_resource
         self.seed = seed
 
@@ -98,11 +99,12 @@ class MultiFidelityHartmann:
         if not 1 <= r <= self.max_resource:
             raise ValueError(f"resource {r} outside 1..{self.max_resource}")
         base = float(h6(np.asarray(x)))
-        gap = 1.0 - fidelity(r, self.max_resource)
-        if gap == 0.0:
+        z = fidelity(r, self.max_resource)
+        if z == 1.0:
             return base
         mirrored = float(h6(1.0 - np.asarray(x, dtype=np.float64)))
-        return base + gap * (OFFSET + self.weight * (mirrored - base)) + SIGMA * gap * noise(x, r, self.seed)
+        bias = (1.0 - z**self.power) * (OFFSET + self.weight * (mirrored - base))
+        return base + bias + SIGMA * (1.0 - z) * noise(x, r, self.seed)
 
     def many(self, xs: np.ndarray, r: int) -> np.ndarray:
         """f at resource ``r`` of many points (n, 6), for checks and plots."""

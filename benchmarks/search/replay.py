@@ -233,39 +233,52 @@ class Method:
 
 @dataclass
 class Trace:
-    """The anytime curve of one replay: ``best[i]`` holds from ``epochs[i]`` cumulative epochs on."""
+    """The anytime curve of one replay: ``best[i]`` holds from ``epochs[i]`` cumulative epochs on.
+
+    ``best`` counts every epoch's report (what the ``select`` node sees); ``best_told`` only the
+    value at the end of each job (what the searcher is told), a stricter view kept for comparison.
+    """
 
     label: str
     seed: int
     epochs: list[int] = field(default_factory=list)
     best: list[float] = field(default_factory=list)
+    epochs_told: list[int] = field(default_factory=list)
+    best_told: list[float] = field(default_factory=list)
     total_epochs: int = 0
     clock: float = 0.0
     configurations: int = 0
     jobs: int = 0
     finished: bool = False
     stalled: bool = False
+    idle: float = 0.0
 
-    def best_at(self, budget: float) -> float:
+    def _curve(self, curve: str) -> tuple[list[int], list[float]]:
+        return (self.epochs, self.best) if curve == "all" else (self.epochs_told, self.best_told)
+
+    def best_at(self, budget: float, curve: str = "all") -> float:
         """The best-so-far after ``budget`` epochs (inf before the first report that counts)."""
-        i = bisect.bisect_right(self.epochs, budget) - 1
-        return self.best[i] if i >= 0 else math.inf
+        epochs, best = self._curve(curve)
+        i = bisect.bisect_right(epochs, budget) - 1
+        return best[i] if i >= 0 else math.inf
 
-    def epochs_to(self, target: float) -> float:
+    def epochs_to(self, target: float, curve: str = "all") -> float:
         """Cumulative epochs when the best-so-far first reached ``target`` or better (inf: never)."""
-        for e, b in zip(self.epochs, self.best):
+        for e, b in zip(*self._curve(curve)):
             if b <= target:
                 return float(e)
         return math.inf
 
-    def final(self) -> float:
-        return self.best[-1] if self.best else math.inf
+    def final(self, curve: str = "all") -> float:
+        best = self._curve(curve)[1]
+        return best[-1] if best else math.inf
 
     def to_dict(self) -> dict[str, Any]:
         return {"label": self.label, "seed": self.seed, "epochs": self.epochs, "best": self.best,
+                "epochs_told": self.epochs_told, "best_told": self.best_told,
                 "total_epochs": self.total_epochs, "clock": round(self.clock, 3),
                 "configurations": self.configurations, "jobs": self.jobs, "finished": self.finished,
-                "stalled": self.stalled}
+                "stalled": self.stalled, "idle": round(self.idle, 5)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Trace:
@@ -283,10 +296,10 @@ def simulate(problem: Problem, method: Method, budget: int, seed: int, workers: 
         return 1.0 + EPSILON_TIME * (2.0 * rng.random() - 1.0)
 
     trace = Trace(method.label, seed)
-    running: list[list[Any]] = []  # [time of the next epoch's end, tie-break, job, epochs reached]
-    clock = 0.0
+    running: list[list[Any]] = []  # [end of the epoch in progress, tie-break, job, epochs reached, its duration]
+    clock = busy = 0.0
     used = 0
-    best = math.inf
+    best = best_told = math.inf
     while used < budget:
         while len(running) < workers:
             job = method.next_job()
@@ -296,32 +309,41 @@ def simulate(problem: Problem, method: Method, budget: int, seed: int, workers: 
             if job.target <= job.start:  # nothing to train: the checkpoint is already there
                 method.on_job_end(job, job.target, problem.value(job.key, job.target))
                 continue
-            running.append([clock + duration(), rng.random(), job, job.start])
+            d = duration()
+            running.append([clock + d, rng.random(), job, job.start, d])
         if not running:
             trace.finished = method.finished()
             trace.stalled = not trace.finished
             break
         entry = min(running, key=lambda e: (e[0], e[1]))
         clock = entry[0]
+        busy += entry[4]
         entry[3] += 1
         job, epoch = entry[2], entry[3]
         used += 1
         value = problem.value(job.key, epoch)
+        go_on = method.on_epoch(job, epoch, value)
+        ending = epoch >= job.target or not go_on
         q = problem.quality(job.key, epoch, value)
+        if q is not None and ending and q < best_told:
+            best_told = q
+            trace.epochs_told.append(used)
+            trace.best_told.append(q)
         if q is not None and q < best:
             best = q
             trace.epochs.append(used)
             trace.best.append(best)
             if stop_at is not None and best <= stop_at:
                 break
-        go_on = method.on_epoch(job, epoch, value)
-        if epoch >= job.target or not go_on:
+        if ending:
             running.remove(entry)
             method.on_job_end(job, epoch, value)
         else:
-            entry[0], entry[1] = clock + duration(), rng.random()
+            d = duration()
+            entry[0], entry[1], entry[4] = clock + d, rng.random(), d
     trace.total_epochs = used
     trace.clock = clock
+    trace.idle = 1.0 - busy / (workers * clock) if clock else 0.0
     trace.configurations = method.configurations()
     return trace
 
@@ -722,26 +744,28 @@ def _qinf(v: list[float]) -> list[float]:
 
 
 def summarize(traces: dict[str, list[Trace]], optimum: float, budgets: Sequence[int], reference: str,
-              reference_budget: int, workers: int = 2) -> dict[str, Any]:
+              reference_budget: int, curve: str = "all") -> dict[str, Any]:
     """Per method: regret at each budget, final best, epochs to reach the reference's median final
-    best (at ``reference_budget``), and the speedup ``reference_budget / median epochs``."""
-    ref_finals = [t.best_at(reference_budget) for t in traces[reference]]
+    best (at ``reference_budget``), and the speedup ``reference_budget / median epochs``. ``curve``:
+    ``all`` (every epoch's report counts) or ``told`` (only values at the end of each job)."""
+    ref_finals = [t.best_at(reference_budget, curve) for t in traces[reference]]
     target = statistics.median(ref_finals)
-    out: dict[str, Any] = {"target": target, "target_regret": target - optimum, "reference": reference,
-                           "reference_budget": reference_budget, "optimum": optimum, "methods": {}}
+    out: dict[str, Any] = {"curve": curve, "target": target, "target_regret": target - optimum,
+                           "reference": reference, "reference_budget": reference_budget, "optimum": optimum,
+                           "methods": {}}
     for kind, ts in traces.items():
-        reach = [t.epochs_to(target) for t in ts]
+        reach = [t.epochs_to(target, curve) for t in ts]
         med = quantiles(reach)
         entry = {
             "seeds": len(ts),
-            "regret": {str(b): quantiles([t.best_at(b) - optimum for t in ts]) for b in budgets},
-            "final_best": quantiles([t.final() for t in ts]),
+            "regret": {str(b): quantiles([t.best_at(b, curve) - optimum for t in ts]) for b in budgets},
+            "final_best": quantiles([t.final(curve) for t in ts]),
             "epochs_to_target": med,
             "reached": sum(math.isfinite(x) for x in reach),
             "speedup": reference_budget / med["median"] if med["median"] > 0 else math.inf,
             "total_epochs": quantiles([float(t.total_epochs) for t in ts]),
             "configurations": quantiles([float(t.configurations) for t in ts]),
-            "idle_fraction": quantiles([1.0 - t.total_epochs / (workers * t.clock) if t.clock else 0.0 for t in ts]),
+            "idle_fraction": quantiles([t.idle for t in ts]),
             "stalled": sum(t.stalled for t in ts),
             "finished_early": sum(t.finished and t.total_epochs < reference_budget for t in ts),
         }

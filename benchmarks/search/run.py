@@ -135,9 +135,11 @@ def bench_digits(seeds: Sequence[int], rows: int | None, processes: int, methods
     outs = run_tasks([(spec, k, s, budget, None) for k in methods for s in seeds], processes, "digits")
     traces = group(outs)
     summary = rp.summarize(traces, problem.optimum, budgets, "mlk-random", budget)
+    told = rp.summarize(traces, problem.optimum, budgets, "mlk-random", budget, curve="told")
     goals = digits_goals(summary, budget, budgets)
     return {"problem": problem.describe(), "seeds": list(seeds), "budget": budget, "budgets": list(budgets),
-            "summary": summary, "goals": goals, "cpu_seconds": cpu_seconds(outs), "traces": outs}
+            "summary": summary, "goals": goals, "summary_told": told, "goals_told": digits_goals(told, budget, budgets),
+            "cpu_seconds": cpu_seconds(outs), "traces": outs}
 
 
 def digits_goals(summary: dict[str, Any], budget: int, budgets: Sequence[int]) -> dict[str, Any]:
@@ -262,42 +264,54 @@ def git_commit() -> str:
 
 
 def _q(q: dict[str, float], fmt: str = "{:.4f}") -> str:
-    def f(x: float) -> str:
+    def f(x: float | str) -> str:
+        x = float(x)  # results read back from JSON hold "inf" as a string
         return "never" if math.isinf(x) else fmt.format(x)
 
     return f"{f(q['median'])} [{f(q['q25'])}, {f(q['q75'])}]"
+
+
+def _speedup(x: float | str) -> str:
+    x = float(x)
+    return f"{x:.1f}x" if x > 0 else "< 1x (median seed: not within the budget)"
 
 
 def _yes(met: bool | None) -> str:
     return "-" if met is None else ("yes" if met else "**no**")
 
 
+def _digits_table(d: dict[str, Any], s: dict[str, Any], g: dict[str, Any], view: str) -> list[str]:
+    budgets = d["budgets"]
+    lines = [f"**Digits table replay** ({view}; {d['problem']['rows']} configurations x "
+             f"{d['problem']['max_resource']} epochs, {len(d['seeds'])} seeds, budget {d['budget']} epochs; target = "
+             f"random's median final best val_loss {s['target']:.4f}, table optimum {s['optimum']:.4f}). "
+             "Median [IQR].", "",
+             f"| method | epochs to reach target | reached | speedup vs {d['budget']} | "
+             + " | ".join(f"regret @{b}" for b in budgets) + " | configs |",
+             "|---|---|---|---|" + "---|" * len(budgets) + "---|"]
+    for k, e in s["methods"].items():
+        lines.append(f"| {rp.LABELS[k]} | {_q(e['epochs_to_target'], '{:.0f}')} | {e['reached']}/{e['seeds']} | "
+                     f"{_speedup(e['speedup'])} | " + " | ".join(_q(e["regret"][str(b)]) for b in budgets)
+                     + f" | {e['configurations']['median']:.0f} |")
+    lines += ["", "| goal | met? |", "|---|---|"]
+    for k, v in g["speedup"].items():
+        lines.append(f"| {rp.LABELS[k]} reaches the target with <= {d['budget'] / GOAL_SPEEDUP:.0f} epochs "
+                     f"(speedup >= {GOAL_SPEEDUP:.0f}x): {_speedup(v['speedup'])} | {_yes(v['met'])} |")
+    for k, v in g["anytime"].items():
+        a, b = k.split(" vs ")
+        detail = "no worse at every budget" if v["met"] else f"worse at {', '.join(v['worse_at'])}"
+        lines.append(f"| anytime regret of {rp.LABELS[a]} <= {rp.LABELS[b]}: {detail} | {_yes(v['met'])} |")
+    lines.append("")
+    return lines
+
+
 def markdown(results: dict[str, Any]) -> str:
     lines: list[str] = []
     if "digits" in results:
         d = results["digits"]
-        s = d["summary"]
-        budgets = d["budgets"]
-        lines += [f"**Digits table replay** ({d['problem']['rows']} configurations x {d['problem']['max_resource']} "
-                  f"epochs, {len(d['seeds'])} seeds, budget {d['budget']} epochs; target = random's median final "
-                  f"best val_loss {s['target']:.4f}, table optimum {s['optimum']:.4f}). Median [IQR].", "",
-                  f"| method | epochs to reach target | reached | speedup vs {d['budget']} | "
-                  + " | ".join(f"regret @{b}" for b in budgets) + " | configs |",
-                  "|---|---|---|---|" + "---|" * len(budgets) + "---|"]
-        for k, e in s["methods"].items():
-            lines.append(f"| {rp.LABELS[k]} | {_q(e['epochs_to_target'], '{:.0f}')} | {e['reached']}/{e['seeds']} | "
-                         f"{e['speedup']:.1f}x | " + " | ".join(_q(e["regret"][str(b)]) for b in budgets)
-                         + f" | {e['configurations']['median']:.0f} |")
-        g = d["goals"]
-        lines += ["", "| goal | met? |", "|---|---|"]
-        for k, v in g["speedup"].items():
-            lines.append(f"| {rp.LABELS[k]} reaches the target with <= {d['budget'] / GOAL_SPEEDUP:.0f} epochs "
-                         f"(speedup >= {GOAL_SPEEDUP:.0f}x): {v['speedup']:.1f}x | {_yes(v['met'])} |")
-        for k, v in g["anytime"].items():
-            a, b = k.split(" vs ")
-            detail = "no worse at every budget" if v["met"] else f"worse at {', '.join(v['worse_at'])}"
-            lines.append(f"| anytime regret of {rp.LABELS[a]} <= {rp.LABELS[b]}: {detail} | {_yes(v['met'])} |")
-        lines.append("")
+        lines += _digits_table(d, d["summary"], d["goals"], "every epoch's report counts, as for `select`")
+        lines += _digits_table(d, d["summary_told"], d["goals_told"],
+                               "stricter view: only the value at the end of each job counts")
     if "hartmann" in results:
         for variant, h in results["hartmann"].items():
             s = h["summary"]
@@ -311,7 +325,7 @@ def markdown(results: dict[str, Any]) -> str:
                 ratio = h["ratio_vs_random"].get(k)
                 lines.append(f"| {rp.LABELS[k]} | {_q(e['regret'][str(BUDGET)])} | {_q(e['regret']['1000'])} | "
                              + (f"{_q(reach, '{:.0f}')} ({h['reached'][k]}/{e['seeds']})" if reach else "-")
-                             + " | " + (f"{ratio:.2f}" if ratio is not None else "-") + " |")
+                             + " | " + (f"{float(ratio):.2f}" if ratio is not None else "-") + " |")
             if variant == "poor":
                 lines += ["", f"Goal: hyperband and asha need at most {GOAL_POOR_RATIO}x random's epochs: "
                           f"{_yes(h['goal_met'])}"]
@@ -326,14 +340,16 @@ def markdown(results: dict[str, Any]) -> str:
         lv = results["live"]
         lines += ["**Live runs** (real training, 2 workers).", "",
                   "| run | search wall | W x k | pure training | report + ckpt | setup | warm-up | dispatch gaps | "
-                  "tail idle | overhead | steady | scheduler |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "tail idle | overhead | steady | scheduler | load avg |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in lv["runs"]:
             name = r["spec"] + ("".join(f" {o}" for o in r["overrides"]))
             lines.append(f"| {name} ({r['epochs']} epochs, {r['requests']} requests) | {r['search_wall_s']:.1f}s | "
                          f"{r['capacity_s']:.1f}s | {r['pure_training_s']:.1f}s | {r['report_checkpoint_s']:.1f}s | "
                          f"{r['setup_restore_s']:.1f}s | {r['worker_warmup_s']:.1f}s | {r['dispatch_gaps_s']:.2f}s | "
                          f"{r['tail_idle_s']:.1f}s | {100 * r['overhead']:.0f}% | {100 * r['overhead_steady']:.0f}% | "
-                         f"{100 * r['scheduler_overhead']:.1f}% |")
+                         f"{100 * r['scheduler_overhead']:.1f}% | {r['load_average']['before'][0]:.1f}-"
+                         f"{r['load_average']['after'][0]:.1f} |")
         lines += ["", f"Goal <= {100 * lv['goal']:.0f}%: total {_yes(lv['met_total'])}, steady "
                   f"{_yes(lv['met_steady'])}, scheduler only {_yes(lv['met_scheduler'])}", ""]
     return "\n".join(lines)
@@ -351,7 +367,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", choices=rp.METHODS, default=list(rp.METHODS))
     p.add_argument("--table", type=Path, default=rp.TABLE, help=f"the learning-curve table (default {rp.TABLE})")
     p.add_argument("--output", type=Path, default=RESULTS, help=f"where to write the JSON (default {RESULTS})")
+    p.add_argument("--merge", action="store_true",
+                   help="with --only: replace only those parts of an existing --output file")
+    p.add_argument("--print", dest="print_only", action="store_true",
+                   help="only print the tables of an existing --output file")
     args = p.parse_args(argv)
+    if args.print_only:
+        print(markdown(json.loads(args.output.read_text())))
+        return 0
     quick = args.quick
     seeds = list(range(args.seeds if args.seeds is not None else (2 if quick else 25)))
     rows = args.rows if args.rows is not None else (300 if quick else None)
@@ -379,9 +402,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["live"] = bench_live(quick)
         results["seconds"]["live"] = time.perf_counter() - t0
     results["load_average"]["end"] = os.getloadavg()
-    results["seconds"]["total"] = time.perf_counter() - started
+    results["seconds"]["total"] = total = time.perf_counter() - started
+    if args.merge and args.output.exists():  # keep the parts not run now from the earlier file
+        earlier = json.loads(args.output.read_text())
+        parts = {k: results[k] for k in ("digits", "hartmann", "conformance", "live") if k in results}
+        results = {**earlier, **parts, "reruns": [*earlier.get("reruns", []), {
+            k: results[k] for k in ("command", "date", "commit", "load_average", "seconds")}]}
     args.output.write_text(json.dumps(finite(results), indent=1, default=_json_default) + "\n")
-    say(f"done in {results['seconds']['total']:.0f}s; wrote {args.output}")
+    say(f"done in {total:.0f}s; wrote {args.output}")
     print(markdown(results))
     return 0
 

@@ -55,6 +55,7 @@ class TrialResult:
     seconds: float = 0.0
 
 
+_DATASETS: dict[str, Any] = {}
 _driver_gone = threading.Event()
 _busy = threading.Event()
 
@@ -149,9 +150,15 @@ class TrialContext:
             raise UserError("this trial loads data, but the spec has no `data` section", where="data",
                             hint="add e.g. data: {name: digits}")
         if self._dataset is None:
+            import json
+
             from mlk.registry import registry
 
-            self._dataset = load_dataset(registry(), self.data)
+            key = json.dumps(self.data, sort_keys=True, default=str)
+            if key not in _DATASETS:  # a worker keeps its last dataset for the next trial's request
+                _DATASETS.clear()
+                _DATASETS[key] = load_dataset(registry(), self.data)
+            self._dataset = _DATASETS[key]
         return self._dataset
 
     def build_model(self, framework: str) -> Any:
