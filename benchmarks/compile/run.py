@@ -48,8 +48,8 @@ TVM_VS_ORT = 1.0
 INT8_VS_FP32 = {"resnet18": 0.65, "cifar_cnn": 0.8}
 INT8_MAX_ACCURACY_LOSS = 1.0  # points
 INT8 = ("ort_int8_static_pc", "ort_int8_static_pt")
-#: --quick: training steps, timed calls and warm-up calls of the digits MLP
-QUICK = {"steps": 51, "repeats": 20, "warmup": 3, "prune_epochs": 1}
+#: --quick: training steps, timed and warm-up calls, timing rounds and settle pause for the digits MLP
+QUICK = {"steps": 51, "repeats": 20, "warmup": 3, "prune_epochs": 1, "rounds": 5, "settle_s": 0.01}
 
 
 def say(message: str) -> None:
@@ -154,7 +154,9 @@ def bench_model(key: str, work: Path, *, quick: bool = False, cache: Path | None
         say(f"{key}: timing batch {batch} ({repeats} calls per variant at most, interleaved)")
         result["latency"][str(batch)] = timing.measure(runners, x, repeats=repeats, warmup=warmup,
                                                        budget_s=5.0 if quick else 90.0,
-                                                       min_repeats=5 if quick else 10)
+                                                       min_repeats=5 if quick else 10,
+                                                       rounds=QUICK["rounds"] if quick else 25,
+                                                       settle_s=QUICK["settle_s"] if quick else 0.1)
         result["latency"][str(batch)]["wait_for_quiet"] = quiet
         for k, s in result["latency"][str(batch)]["variants"].items():
             say(f"  {k:20s} p50 {s['p50_ms']:10.3f} ms  p99 {s['p99_ms']:10.3f} ms  n {s['n']}")

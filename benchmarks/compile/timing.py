@@ -3,12 +3,18 @@
 Every runner is first warmed up (``warmup`` untimed calls each, round-robin; at least two, and a
 slow runner stops after two once its warm-up passed ``warmup_budget_s``). Then the timed calls
 are spread over ``rounds`` rounds; in each round every variant, in an order rotated by one place
-per round, makes one untimed *switch* call followed by its share of timed calls, back to back.
-The switch call absorbs what the previous runtime leaves behind (its threads still spinning on
-the 2 cores, caches full of its data); it is skipped for calls estimated at over
-``switch_below_s`` seconds, where those effects are small beside the call. Sleeping between calls
-instead was measured to be much worse here: on a loaded machine a thread that sleeps loses its
-core, and the next call waits for the scheduler (digits MLP, batch 32: 40 ms instead of 50 us).
+per round, gets its turn: a *settle* pause of ``settle_s`` seconds, one untimed *switch* call,
+then its share of timed calls, back to back.
+
+- The settle pause lets the previous runtime's idle threads stop spinning. Measured here on
+  ResNet-18 at batch 1: after an ONNX Runtime call its worker thread keeps a core busy for about
+  50 ms (libgomp's, after a torch call, about 10 ms), and a call of another runtime made in that
+  time ran up to 2-3x slower (int8 2.2 -> 6 ms, fp32 7.5 -> 15 ms, eager 14 -> 36 ms). The pause
+  busy-waits: sleeping was measured to be much worse on a loaded machine, where a thread that
+  sleeps loses its core and the next call waits for the scheduler (digits MLP, batch 32: 40 ms
+  instead of 50 us).
+- The switch call wakes the variant's own threads and refills the caches with its data; it is
+  skipped for calls estimated at over ``switch_below_s`` seconds, where both are small beside the call.
 
 A variant whose calls are slow gets fewer timed calls, so that it takes about ``budget_s`` seconds
 (never fewer than ``min_repeats``); the number is recorded with its statistics. Process CPU time
@@ -43,6 +49,14 @@ def summary(samples_s: Sequence[float]) -> dict[str, Any]:
     ms = [s * 1000.0 for s in samples_s]
     return {"n": len(ms), "p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99), "mean_ms": sum(ms) / len(ms),
             "min_ms": min(ms), "max_ms": max(ms), "samples_ms": [round(v, 6) for v in ms]}
+
+
+def _busy_wait(seconds: float) -> None:
+    """Keep this thread on its core for ``seconds`` (a sleep would hand the core to other processes, and
+    on a loaded machine the next call would then wait for the scheduler)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
 
 
 def _loadavg() -> list[float]:
@@ -98,7 +112,7 @@ def wait_for_quiet(max_wait_s: float, below_cores: float = 0.5, window_s: float 
 
 def measure(runners: dict[str, Callable[[Any], Any]], x: Any, *, repeats: int, warmup: int, rounds: int = 25,
             budget_s: float = 90.0, min_repeats: int = 10, switch_below_s: float = 0.25,
-            warmup_budget_s: float = 10.0) -> dict[str, Any]:
+            warmup_budget_s: float = 10.0, settle_s: float = 0.1) -> dict[str, Any]:
     """Time ``runners`` (key -> callable on ``x``) interleaved; see the module docstring.
 
     Returns ``variants`` (key -> :func:`summary` plus ``cpu_per_wall`` and ``switch_call``),
@@ -133,6 +147,7 @@ def measure(runners: dict[str, Callable[[Any], Any]], x: Any, *, repeats: int, w
             if share <= 0:
                 continue
             run = runners[k]
+            _busy_wait(settle_s)
             if switch[k]:
                 run(x)
             for _ in range(share):
@@ -155,4 +170,4 @@ def measure(runners: dict[str, Callable[[Any], Any]], x: Any, *, repeats: int, w
             "seconds": time.perf_counter() - start,
             "settings": {"repeats": repeats, "warmup": warmup, "rounds": rounds, "budget_s": budget_s,
                          "min_repeats": min_repeats, "switch_below_s": switch_below_s,
-                         "warmup_budget_s": warmup_budget_s}}
+                         "warmup_budget_s": warmup_budget_s, "settle_s": settle_s}}

@@ -97,5 +97,5 @@ def test_percentile() -> None:
     assert timing.percentile([1.0, 2.0], 99) == pytest.approx(1.99)
     calls = []
     out = timing.measure({"a": calls.append, "b": calls.append}, 0, repeats=7, warmup=2, rounds=3, budget_s=1.0,
-                         min_repeats=1)
+                         min_repeats=1, settle_s=0.0)
     assert out["variants"]["a"]["n"] == out["variants"]["b"]["n"] == 7
