@@ -2,9 +2,12 @@
 
 Every runner is first warmed up (``warmup`` untimed calls each, round-robin; at least two, and a
 slow runner stops after two once its warm-up passed ``warmup_budget_s``). Then the timed calls
-are spread over ``rounds`` rounds; in each round every variant, in an order rotated by one place
-per round, gets its turn: a *settle* pause of ``settle_s`` seconds, one untimed *switch* call,
-then its share of timed calls, back to back.
+are spread over ``rounds`` rounds; in each round every variant, in a new random order (seeded), gets
+its turn: a *settle* pause of ``settle_s`` seconds, untimed *switch* calls (at least one, for at least
+``switch_s`` seconds), then its share of timed calls, back to back. The random order keeps any
+effect of the variant that ran just before from always falling on the same variant (with a fixed
+cyclic order, the torch pass after TVM was measured 2x slower than eager on the digits MLP at
+batch 32, where a call takes 60 us and torch wakes a second OpenMP thread).
 
 - The settle pause lets the previous runtime's idle threads stop spinning. Measured here on
   ResNet-18 at batch 1: after an ONNX Runtime call its worker thread keeps a core busy for about
@@ -13,7 +16,7 @@ then its share of timed calls, back to back.
   busy-waits: sleeping was measured to be much worse on a loaded machine, where a thread that
   sleeps loses its core and the next call waits for the scheduler (digits MLP, batch 32: 40 ms
   instead of 50 us).
-- The switch call wakes the variant's own threads and refills the caches with its data; it is
+- The switch calls wake the variant's own threads and refill the caches with its data; they are
   skipped for calls estimated at over ``switch_below_s`` seconds, where both are small beside the call.
 
 A variant whose calls are slow gets fewer timed calls, so that it takes about ``budget_s`` seconds
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -112,7 +116,8 @@ def wait_for_quiet(max_wait_s: float, below_cores: float = 0.5, window_s: float 
 
 def measure(runners: dict[str, Callable[[Any], Any]], x: Any, *, repeats: int, warmup: int, rounds: int = 25,
             budget_s: float = 90.0, min_repeats: int = 10, switch_below_s: float = 0.25,
-            warmup_budget_s: float = 10.0, settle_s: float = 0.1) -> dict[str, Any]:
+            warmup_budget_s: float = 10.0, settle_s: float = 0.1, switch_s: float = 0.01,
+            seed: int = 0) -> dict[str, Any]:
     """Time ``runners`` (key -> callable on ``x``) interleaved; see the module docstring.
 
     Returns ``variants`` (key -> :func:`summary` plus ``cpu_per_wall`` and ``switch_call``),
@@ -140,8 +145,9 @@ def measure(runners: dict[str, Callable[[Any], Any]], x: Any, *, repeats: int, w
     switch = {k: estimate[k] < switch_below_s for k in keys}
     samples: dict[str, list[float]] = {k: [] for k in keys}
     cpu: dict[str, float] = dict.fromkeys(keys, 0.0)
+    shuffle = random.Random(seed)
     for r in range(rounds):
-        order = keys[r % len(keys):] + keys[:r % len(keys)]
+        order = shuffle.sample(keys, len(keys))
         for k in order:
             share = math.ceil(wanted[k] * (r + 1) / rounds) - math.ceil(wanted[k] * r / rounds)
             if share <= 0:
@@ -149,7 +155,10 @@ def measure(runners: dict[str, Callable[[Any], Any]], x: Any, *, repeats: int, w
             run = runners[k]
             _busy_wait(settle_s)
             if switch[k]:
+                end = time.perf_counter() + switch_s
                 run(x)
+                while time.perf_counter() < end:
+                    run(x)
             for _ in range(share):
                 c0 = time.process_time()
                 t0 = time.perf_counter()
@@ -170,4 +179,5 @@ def measure(runners: dict[str, Callable[[Any], Any]], x: Any, *, repeats: int, w
             "seconds": time.perf_counter() - start,
             "settings": {"repeats": repeats, "warmup": warmup, "rounds": rounds, "budget_s": budget_s,
                          "min_repeats": min_repeats, "switch_below_s": switch_below_s,
-                         "warmup_budget_s": warmup_budget_s, "settle_s": settle_s}}
+                         "warmup_budget_s": warmup_budget_s, "settle_s": settle_s, "switch_s": switch_s,
+                         "seed": seed}}
