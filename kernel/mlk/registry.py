@@ -32,7 +32,7 @@ from mlk.errors import PluginError, UserError
 from mlk.plugin import DISTRIBUTION
 
 #: Plugin groups whose entries are plugin classes, each keyed by NAME.
-CLASS_GROUPS = ("frameworks", "searchers", "backends", "storage", "datasets", "models", "compilers")
+CLASS_GROUPS = ("frameworks", "searchers", "backends", "storage", "datasets", "models", "compilers", "targets")
 #: ``mlk.hooks``: modules or objects implementing hooks; ``mlk.specs``: packages holding spec files.
 GROUPS = (*CLASS_GROUPS, "hooks", "specs")
 
@@ -44,6 +44,7 @@ _BASES = {
     "datasets": "mlk.datasets:Dataset",
     "models": "mlk.models:Model",
     "compilers": "mlk.compiler:Compiler",
+    "targets": "mlk.target:Target",
 }
 
 

@@ -1,6 +1,8 @@
 """The run store: one SQLite database (WAL) under ``MLK_HOME`` (default ``./.mlk``).
 
-It holds runs, their graph nodes, trials, per-epoch metrics, checkpoints, artifacts and events.
+It holds runs, their graph nodes, trials, per-epoch metrics, checkpoints, artifacts and events,
+and the model registry's tables (``model_*``, used by :mod:`mlk.deployments`). Every table is
+created with ``IF NOT EXISTS``, so opening an older store adds the tables it lacks.
 Trial processes write their own metrics and checkpoints, so every connection sets a generous
 busy timeout and every write is one short transaction. Files (checkpoints, artifacts) live in
 the storage plugin's place; the store records their URIs and checksums.
@@ -94,6 +96,43 @@ CREATE TABLE IF NOT EXISTS events (
     kind TEXT NOT NULL,
     payload_json TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS model_versions (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    run_id TEXT NOT NULL,
+    target TEXT NOT NULL,
+    bundle TEXT NOT NULL,
+    format TEXT NOT NULL,
+    created REAL NOT NULL,
+    meta_json TEXT NOT NULL,
+    PRIMARY KEY (name, version)
+);
+CREATE TABLE IF NOT EXISTS model_routing (
+    name TEXT PRIMARY KEY,
+    production INTEGER,
+    canary INTEGER,
+    canary_percent REAL NOT NULL DEFAULT 0,
+    auto_rollback_json TEXT NOT NULL DEFAULT '{}',
+    stack_json TEXT NOT NULL DEFAULT '[]',
+    changed REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS model_history (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    time REAL NOT NULL,
+    action TEXT NOT NULL,
+    version INTEGER,
+    previous INTEGER,
+    reason TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS model_monitor (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    time REAL NOT NULL,
+    scores_json TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS model_monitor_by_name ON model_monitor (name, id);
 """
 
 
