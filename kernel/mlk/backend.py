@@ -26,6 +26,9 @@ class Backend(Plugin):
     def __init__(self, config: ResourcesConfig, home: Path) -> None:
         self.config = config
         self.home = home
+        #: Modules the kernel suggests importing once before trials start (the ``preload`` of the
+        #: spec's framework, dataset and model plugins); set before :meth:`start`; may be ignored.
+        self.preload: tuple[str, ...] = ()
 
     def describe(self) -> dict[str, Any]:
         """What this backend would do, for ``mlk graph``: a plan, nothing started."""

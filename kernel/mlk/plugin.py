@@ -27,6 +27,9 @@ class Plugin:
         Config: the pydantic model of its spec section (``extra="forbid"``).
         requires: import names it needs beyond the kernel, checked without importing them.
         extra: the pip extra of its distribution that installs ``requires``.
+        preload: modules a backend may import once in a parent process that forks trial workers
+            (the framework itself, a dataset's loader), so each worker does not pay the import; only
+            modules that are safe to import before a fork (that start no threads at import).
         distribution: filled in by the kernel when loaded: the distribution that declared it.
     """
 
@@ -34,6 +37,7 @@ class Plugin:
     Config: ClassVar[type[BaseModel]] = BaseModel
     requires: ClassVar[tuple[str, ...]] = ()
     extra: ClassVar[str | None] = None
+    preload: ClassVar[tuple[str, ...]] = ()
     distribution: ClassVar[str | None] = None
 
     @classmethod

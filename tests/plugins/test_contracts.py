@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
 from mlk.testing.backend import BackendContract
 from mlk.testing.framework import FrameworkContract
 from mlk.testing.searcher import SearcherContract
@@ -71,3 +78,32 @@ class TestPbtSearcher(SearcherContract):
 class TestNevergradSearcher(SearcherContract):
     plugin = "nevergrad"
     config = {"optimizer": "TwoPointsDE"}
+
+
+_PRELOAD_SCRIPT = """
+import sys
+from pathlib import Path
+from tests.plugins.test_contracts import TestLocalBackend
+
+suite = TestLocalBackend()
+backend, (spec, store) = suite.setup_run(Path(sys.argv[1]), function="mlk.testing.trials:preloaded")
+backend.preload = tuple(sys.argv[2:])
+backend.start()
+try:
+    backend.submit(suite.task(spec, store, 1, target=1))
+    (result,) = suite.collect(backend, 1)
+finally:
+    backend.shutdown()
+print(result.error or result.metrics["loss"])
+"""
+
+
+@pytest.mark.parametrize("preload", [True, False])
+def test_local_backend_imports_preload_modules_once_before_the_workers_fork(tmp_path: Path, preload: bool) -> None:
+    # a fresh interpreter: the fork server is started once per process, with the preload of that moment
+    module = "xml.dom.minidom"
+    args = [sys.executable, "-c", _PRELOAD_SCRIPT, str(tmp_path), *([module] if preload else [])]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[2],
+                          env={**os.environ, "MLK_TEST_PRELOADED": module})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == ("0.0" if preload else "1.0")

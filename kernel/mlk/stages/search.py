@@ -26,6 +26,21 @@ def _threads(ctx: Any) -> int:
     return max(1, int(n or 1))
 
 
+def _preload(reg: Any, spec: Any) -> tuple[str, ...]:
+    """The ``preload`` modules of the spec's framework, dataset and builtin model (see :class:`mlk.plugin.Plugin`)."""
+    modules: list[str] = []
+    for group, section in (("frameworks", "framework"), ("datasets", "data"), ("models", "model")):
+        name = (spec[section] or {}).get("name")
+        if not name:
+            continue
+        try:
+            cls = reg.get(group, name, where=f"{section}.name")
+        except Exception:  # reported where the section is used; preloading is only a speed-up
+            continue
+        modules += [m for m in (cls.__module__, *cls.preload) if m not in modules]
+    return tuple(modules)
+
+
 class SearchLoop:
     """Drives one search to the end; see the module docstring."""
 
@@ -42,6 +57,7 @@ class SearchLoop:
         backend_cls = reg.get("backends", self.spec.resources.backend, where="resources.backend")
         backend_cls.ensure_available()
         self.backend = backend_cls(self.spec.resources, self.store.home)
+        self.backend.preload = _preload(reg, self.spec)
         self.searcher.concurrency = self.backend.capacity()
         self.in_flight: dict[int, TrialRequest] = {}
         self.attempts: dict[int, int] = {}

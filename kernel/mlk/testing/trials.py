@@ -27,3 +27,11 @@ def counter(ctx: TrialContext) -> None:
 def die(ctx: TrialContext) -> None:
     """The worker process dies without a word, as under the OOM killer."""
     os._exit(9)
+
+
+def preloaded(ctx: TrialContext) -> None:
+    """Loss 0 when the module named by ``MLK_TEST_PRELOADED`` was imported before the trial began
+    (by the backend's preload), 1 when not."""
+    import sys
+
+    ctx.report(1, {"loss": 0.0 if os.environ.get("MLK_TEST_PRELOADED", "") in sys.modules else 1.0})

@@ -36,6 +36,7 @@ class DigitsDataset(Dataset):
     name = "digits"
     Config: ClassVar[type[DigitsConfig]] = DigitsConfig
     requires = ("sklearn", "numpy")
+    preload = ("numpy", "sklearn.datasets")
     extra = "sklearn"
     config: DigitsConfig
 
