@@ -27,13 +27,13 @@ class CifarCNN(Model):
 
     name = "cifar_cnn"
     Config: ClassVar[type[CifarCNNConfig]] = CifarCNNConfig
-    frameworks = ("torch",)
+    frameworks = ("torch", "keras", "jax")
     requires = ("torch",)
     extra = "torch"
     config: CifarCNNConfig
 
     def build(self, framework: str, meta: dict[str, Any]) -> Any:
-        if framework != "torch":
+        if framework not in self.frameworks:
             raise self.unsupported(framework)
         shape = list(meta.get("input_shape", []))
         if meta.get("layout") != "nchw" or len(shape) != 3 or min(shape[1:]) < 4:
@@ -43,6 +43,15 @@ class CifarCNN(Model):
                 f"input_shape {shape}",
                 where="model.name", hint="use a model for flat inputs, e.g. digits_mlp",
             )
+        c = self.config
+        if framework == "keras":
+            from mlk_plugins.models import _keras_nets
+
+            return _keras_nets.cifar_cnn(meta, c.dropout1, c.dropout2, c.dropout3)
+        if framework == "jax":
+            from mlk_plugins.models import _flax_nets
+
+            return _flax_nets.cifar_cnn(meta, c.dropout1, c.dropout2, c.dropout3)
         from mlk_plugins.models._torch_nets import cifar_cnn
 
         return cifar_cnn(meta, self.config.dropout1, self.config.dropout2, self.config.dropout3)

@@ -21,12 +21,20 @@ class DigitsMLP(Model):
 
     name = "digits_mlp"
     Config: ClassVar[type[DigitsMLPConfig]] = DigitsMLPConfig
-    frameworks = ("torch",)
+    frameworks = ("torch", "keras", "jax")
     requires = ("torch",)
     extra = "torch"
     config: DigitsMLPConfig
 
     def build(self, framework: str, meta: dict[str, Any]) -> Any:
+        if framework == "keras":
+            from mlk_plugins.models import _keras_nets
+
+            return _keras_nets.mlp(meta, self.config.hidden, self.config.dropout)
+        if framework == "jax":
+            from mlk_plugins.models import _flax_nets
+
+            return _flax_nets.mlp(meta, self.config.hidden, self.config.dropout)
         if framework != "torch":
             raise self.unsupported(framework)
         from mlk_plugins.models._torch_nets import mlp
