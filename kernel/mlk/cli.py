@@ -18,6 +18,11 @@ examples:
   mlk plugins list                                 installed plugins and their status
   mlk runs show RUN                                trials, best trial, checkpoints, provenance
   mlk reproduce RUN                                run again from the record and compare
+  mlk deploy RUN --target mobile                   bundle, check, register and promote a finished run
+  mlk serve RUN_OR_MODEL --port 3000               serve a registered model (deploys a run to `server` first)
+  mlk models list                                  registered models, their production and canary versions
+  mlk models promote NAME 3 --canary 10            send 10% of NAME's traffic to version 3
+  mlk monitor NAME                                 drift and traffic scores per version, with alerts
 
 environment: MLK_HOME (run store, default ./.mlk), MLK_SPEC_PATH, MLK_PLUGINS_LOCK,
   MLK_DISABLE_PLUGIN_AUTOLOAD=1, MLK_TRACE_PLUGINS=1, MLK_FULL_ERROR=1 (tracebacks)
@@ -75,6 +80,37 @@ def _parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("reproduce", help="re-run a run from its record and report every difference")
     rp.add_argument("run")
     rp.add_argument("--quiet", "-q", action="store_true")
+
+    dp = sub.add_parser("deploy", help="deploy a finished run to a target (reusing its search, compile and validate)")
+    dp.add_argument("run")
+    dp.add_argument("--target", required=True, help="a plugin of mlk.targets (server, jetson, mobile, ...)")
+    dp.add_argument("--model", help="registry model name (default: the spec's deploy entry, or the spec's name)")
+    dp.add_argument("--quiet", "-q", action="store_true")
+
+    sv = sub.add_parser("serve", help="serve a registered model, or a run's (deployed to the server target first)")
+    sv.add_argument("model", metavar="RUN_OR_MODEL")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=3000)
+    sv.add_argument("--token-env", metavar="VAR", help="require `Authorization: Bearer $VAR` on every request")
+
+    models = sub.add_parser("models", help="the model registry: versions, production, canary, rollback")
+    md_sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    ml = md_sub.add_parser("list", help="every model, or one model's versions and history")
+    ml.add_argument("name", nargs="?")
+    ml.add_argument("--json", action="store_true")
+    mp = md_sub.add_parser("promote", help="make a version production, or a canary with --canary PERCENT")
+    mp.add_argument("name")
+    mp.add_argument("model_version", type=int, metavar="VERSION")
+    mp.add_argument("--canary", type=float, metavar="PERCENT", help="share of traffic the version takes beside "
+                                                                    "production")
+    mr = md_sub.add_parser("rollback", help="drop the canary, or return to the previous production version")
+    mr.add_argument("name")
+    mr.add_argument("--reason", default="by hand", help="recorded in the model's history")
+
+    mo = sub.add_parser("monitor", help="drift and traffic scores a server recorded, per version, with alerts")
+    mo.add_argument("name")
+    mo.add_argument("--limit", type=int, default=50, help="monitor records read (newest first)")
+    mo.add_argument("--json", action="store_true")
     return p
 
 
@@ -136,7 +172,82 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         from mlk.reproduce import reproduce
 
         return reproduce(args.run, quiet=args.quiet)
+    if args.command == "deploy":
+        from mlk.report import print_summary
+        from mlk.stages.deploy import deploy_run
+
+        run_id = deploy_run(args.run, args.target, args.model, quiet=args.quiet)
+        print_summary(run_id)
+        return 0
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "models":
+        return _models(args)
+    if args.command == "monitor":
+        from mlk.report import monitor_model
+
+        return monitor_model(args.name, as_json=args.json, limit=args.limit)
     raise AssertionError(args.command)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from mlk.deployments import Registry
+    from mlk.errors import UserError
+    from mlk.registry import registry
+    from mlk.stages.deploy import deploy_run
+    from mlk.store import RunStore
+
+    if not 0 < args.port < 65536:
+        raise UserError(f"port {args.port} is not between 1 and 65535", where="--port")
+    token = None
+    if args.token_env:
+        token = os.environ.get(args.token_env)
+        if not token:
+            raise UserError(f"environment variable {args.token_env} is not set or empty", where="--token-env",
+                            hint=f"export {args.token_env}=SECRET, or leave --token-env out to serve without a token")
+    models = Registry()
+    name = args.model
+    if name not in models.names():
+        store = RunStore()
+        try:
+            run = store.run(name)
+        except UserError:
+            runs = [r["id"] for r in store.runs()][-20:]
+            raise UserError(f"'{name}' is neither a model in the registry nor a run", where="mlk serve",
+                            choices=[*models.names(), *runs], got=name) from None
+        versions = models.by_run(run["id"], target="server")
+        if not versions:
+            deploy_run(run["id"], "server", None)
+            versions = models.by_run(run["id"], target="server")
+        if not versions:
+            raise UserError(f"run {run['id']} could not be deployed to the server target", where="mlk serve")
+        name = versions[-1].name
+    routing = models.routing(name)
+    if routing.production is None:
+        raise UserError(f"model '{name}' has no production version to serve", where="mlk serve",
+                        hint=f"promote one: `mlk models promote {name} VERSION`")
+    cls = registry().get("targets", routing.production.target, where="mlk serve")
+    target = cls(cls.Config.model_validate({"name": cls.name}))
+    target.serve(name, home=models.home, host=args.host, port=args.port, token=token)
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from mlk.report import list_models
+
+    if args.models_command == "list":
+        return list_models(args.name, as_json=args.json)
+    from mlk.deployments import Registry
+
+    models = Registry()
+    if args.models_command == "promote":
+        routing = models.promote(args.name, args.model_version, canary_percent=args.canary)
+    else:
+        routing = models.rollback(args.name, reason=args.reason)
+    production = routing.production.version if routing.production else "-"
+    canary = f", canary {routing.canary.version} ({routing.canary_percent:g}% of traffic)" if routing.canary else ""
+    print(f"{args.name}: production {production}{canary}")
+    return 0
 
 
 def _graph(args: argparse.Namespace) -> int:
@@ -295,9 +406,9 @@ def _recorded_spec_with(run: dict[str, Any], overrides: list[str]) -> Any:
 
 
 def _spec_path(run: dict[str, Any]) -> Any:
-    from pathlib import Path
+    from mlk.spec import recorded_spec_path
 
-    return Path((run.get("provenance") or {}).get("spec", {}).get("file") or f"{run['spec_name']}.yaml")
+    return recorded_spec_path(run)
 
 
 if __name__ == "__main__":

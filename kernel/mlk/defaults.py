@@ -41,18 +41,23 @@ def mlk_graph_nodes(spec: Any) -> list[Node]:
 
 
 def _compile_nodes(spec: Any) -> list[Node]:
-    if not spec["compile"]:
+    """Export, then each compile step with its validate node, then each deploy node (whose target may
+    add compile steps)."""
+    if not spec["compile"] and not spec["deploy"]:
         return []
     from mlk.registry import registry
     from mlk.stages.compile import EXPORT, plan_steps
+    from mlk.stages.deploy import plan_deploys
 
     data = ["data"] if spec["data"] is not None else []
     nodes = [Node(id=EXPORT, kind="export", run="mlk.stages.export:run", inputs=["select"],
                   config={"framework": spec["framework"]["name"]},
                   describe="the selected trial's model at its best checkpoint, as the framework exports it")]
     reg = registry()
-    for step in plan_steps(spec, reg):
-        why = f" (inserted: {step.inserted_for} needs {', '.join(step.needs)})" if step.inserted_for else ""
+    steps = plan_steps(spec, reg)
+    deploys = plan_deploys(spec, reg, steps)
+    for step in steps:
+        why = f" (inserted: {step.inserted_for} needs {' or '.join(step.needs)})" if step.inserted_for else ""
         cls = reg.get("compilers", step.config["name"], where="compile.name")
         source_format = step.source_format
         nodes.append(Node(id=step.node_id, kind="compile", run="mlk.stages.compile:run",
@@ -63,7 +68,7 @@ def _compile_nodes(spec: Any) -> list[Node]:
                                   "validate": spec["validate"]},
                           inputs=[EXPORT, step.node_id, *data],
                           describe=f"accuracy, output difference, latency, size and memory of {step.id}"))
-    return nodes
+    return [*nodes, *deploys]
 
 
 @hookimpl(trylast=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -80,13 +81,19 @@ class Registry:
     def register(self, name: str, run_id: str, target: str, bundle: Path, fmt: str,
                  meta: dict[str, Any]) -> ModelVersion:
         """Copy the bundle folder to ``MLK_HOME/models/NAME/VERSION`` and record it as the next version."""
-        _check_name(name)
+        check_model_name(name, "deploy.model")
         folder = self.home / "models" / name
         folder.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=folder))
         try:
             shutil.copytree(bundle, staging, dirs_exist_ok=True)
             with self._lock, self.store.transaction() as db:
+                other = db.execute("SELECT target FROM model_versions WHERE name = ? AND target != ? LIMIT 1",
+                                   (name, target)).fetchone()
+                if other is not None:
+                    raise UserError(f"model '{name}' holds {other['target']} bundles, not {target} ones; the versions "
+                                    "of a model come from one target", where="deploy.model",
+                                    hint=f"deploy under another name, e.g. `model: {name}-{target}`")
                 row = db.execute("SELECT MAX(version) AS v FROM model_versions WHERE name = ?", (name,)).fetchone()
                 version = int(row["v"] or 0) + 1
                 dest = folder / str(version)
@@ -268,10 +275,8 @@ def _version(row: Any) -> ModelVersion:
                         row["format"], float(row["created"]), json.loads(row["meta_json"]))
 
 
-def _check_name(name: str) -> None:
-    """Model names become folder names and URL path segments."""
-    import re
-
+def check_model_name(name: str, where: str) -> None:
+    """Model names become folder names and URL path segments: letters, digits, ``_ . -``."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", name):
         raise UserError(f"model name '{name}' must be letters, digits, '_', '.' or '-' (starting with a letter or "
-                        "digit)", where="deploy.model")
+                        "digit)", where=where)

@@ -28,6 +28,8 @@ class Node:
         config: the part of the spec its output depends on (hashed into the key).
         inputs: ids of the nodes whose outputs it consumes.
         volatile: always executed; its output's ``fingerprint`` joins its key.
+        optional: inputs the node runs without when they do not complete (failed gates, unavailable
+            here); which ones were missing joins its key, so it is not reused where they completed.
         describe: a line for ``mlk graph`` saying what it would do.
     """
 
@@ -37,6 +39,7 @@ class Node:
     config: dict[str, Any] = field(default_factory=dict)
     inputs: list[str] = field(default_factory=list)
     volatile: bool = False
+    optional: list[str] = field(default_factory=list)
     describe: str = ""
     key: str = ""
 
@@ -56,24 +59,39 @@ class Graph:
                     raise MlkError(f"run graph node '{node.id}' needs '{dep}', which no plugin contributed")
         self.nodes = _toposort(by_id)
         self.by_id = {n.id: n for n in self.nodes}
+        self.found: dict[str, str] = {}
         self.rekey()
 
     def rekey(self, extra: dict[str, str] | None = None) -> None:
-        """Compute every key in order; ``extra`` mixes a found fingerprint into a node's key."""
-        extra = extra or {}
+        """Compute every key in order; ``extra`` mixes what a node found (a data fingerprint, missing
+        optional inputs) into its key, adding to what earlier calls gave."""
+        self.found.update(extra or {})
         for node in self.nodes:
             payload = {
                 "kind": node.kind,
                 "config": node.config,
                 "inputs": [self.by_id[d].key for d in node.inputs],
-                "found": extra.get(node.id, ""),
+                "found": self.found.get(node.id, ""),
             }
             node.key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+    def subgraph(self, ids: list[str]) -> Graph:
+        """The nodes ``ids`` and everything they depend on, keyed as here."""
+        keep: set[str] = set()
+        todo = list(ids)
+        while todo:
+            node_id = todo.pop()
+            if node_id not in keep:
+                keep.add(node_id)
+                todo.extend(self.by_id[node_id].inputs)
+        sub = Graph([n for n in self.nodes if n.id in keep])
+        sub.rekey(self.found)
+        return sub
 
     def to_dict(self) -> list[dict[str, Any]]:
         return [
             {"id": n.id, "kind": n.kind, "key": n.key, "inputs": n.inputs, "volatile": n.volatile,
-             "describe": n.describe, "config": n.config}
+             "describe": n.describe, "config": n.config, "optional": n.optional}
             for n in self.nodes
         ]
 

@@ -50,14 +50,20 @@ def new_run_id(spec_name: str) -> str:
 
 
 def execute(spec: Spec, *, fresh: bool = False, quiet: bool = False, reproduces: str | None = None,
-            resume_run: str | None = None) -> str:
-    """Run ``spec`` to completion; return the run id. Raises on failure after recording it."""
+            resume_run: str | None = None, only: list[str] | None = None) -> str:
+    """Run ``spec`` to completion; return the run id. Raises on failure after recording it.
+
+    ``only`` limits the run to those nodes and what they depend on (``mlk deploy`` runs one target's
+    deploy nodes of a finished run); the other nodes keep their recorded state.
+    """
     from mlk.provenance import collect_provenance
     from mlk.registry import registry
 
     reg = registry()
     store = RunStore()
     graph = plan(spec, reg.hooks)
+    if only:
+        graph = graph.subgraph(only)
     previous = None
     if resume_run:
         previous = store.run(resume_run)
@@ -85,11 +91,14 @@ def execute(spec: Spec, *, fresh: bool = False, quiet: bool = False, reproduces:
     blocked: dict[str, str] = {}    # node id -> why it did not complete
     try:
         for node in graph.nodes:
-            why = next((blocked[d] for d in node.inputs if d in blocked), None)
+            why = next((blocked[d] for d in node.inputs if d in blocked and d not in node.optional), None)
             if why is not None:
                 store.fail_node(run_id, node.id, why, status="skipped", key=node.key, kind=node.kind)
                 blocked[node.id] = why
                 continue
+            missing = sorted(d for d in node.optional if d in blocked)
+            if missing:  # not the node a run with all of its inputs would have made
+                graph.rekey({node.id: "missing " + ",".join(missing)})
             try:
                 ctx.outputs[node.id] = _run_node(ctx, node, reuse=not fresh and not reproduces)
             except Unavailable as e:
@@ -103,10 +112,19 @@ def execute(spec: Spec, *, fresh: bool = False, quiet: bool = False, reproduces:
         summary = dict(ctx.outputs.get("select", {}))
         summary["artifacts"] = {n: {"format": o["format"], "uri": o["uri"]} for n, o in ctx.outputs.items()
                                 if isinstance(o, dict) and "manifest" in o and "format" in o}
+        summary["deployments"] = {n.id: {k: ctx.outputs[n.id][k] for k in ("model", "version", "target", "promoted",
+                                                                            "bundle")}
+                                  for n in graph.nodes if n.kind == "deploy" and n.id in ctx.outputs}
         summary["not_completed"] = blocked
         if deferred:
             raise MlkError("\n  ".join(deferred))
         status = "completed"
+        if only:
+            summary, failed = _partial_summary(store, run_id, summary, graph)
+            if failed:
+                status = "failed"
+                store.update_run(run_id, status=status, summary_json=summary,
+                                 error=f"nodes that failed before: {', '.join(failed)}")
     except KeyboardInterrupt:
         status = "interrupted"
         store.update_run(run_id, status=status, error="interrupted by the user")
@@ -125,6 +143,20 @@ def execute(spec: Spec, *, fresh: bool = False, quiet: bool = False, reproduces:
             store.update_run(run_id, status=status, finished=time.time(), summary_json=summary)
         store.close()
     return run_id
+
+
+def _partial_summary(store: RunStore, run_id: str, summary: dict[str, Any],
+                     graph: Graph) -> tuple[dict[str, Any], list[str]]:
+    """After running part of a run's graph: the recorded summary updated with what ran, and the nodes
+    outside the part that had failed (the run stays failed for them)."""
+    recorded = store.run(run_id)
+    merged = dict(recorded["summary"] or {})
+    for key in ("artifacts", "deployments"):
+        merged[key] = {**merged.get(key, {}), **summary.get(key, {})}
+    for key, value in summary.items():
+        merged.setdefault(key, value)
+    failed = [n["node_id"] for n in store.nodes(run_id) if n["status"] == "failed" and n["node_id"] not in graph.by_id]
+    return merged, failed
 
 
 def _extendable(store: RunStore, spec: Spec, reg: Any) -> dict[str, Any] | None:

@@ -79,7 +79,9 @@ class TopLevel(BaseModel):
         default_factory=list, description="compile and optimisation steps (plugins of mlk.compilers), in order")
     validation: ValidateConfig = Field(default_factory=lambda: ValidateConfig(), alias="validate",
                                        description="how compiled artifacts are validated, and their gates")
-    deploy: list[dict[str, Any]] = Field(default_factory=list, description="deploy targets (later stages)")
+    deploy: list[dict[str, Any]] = Field(
+        default_factory=list, description="deploy targets (plugins of mlk.targets): each builds a bundle from the "
+                                          "validated artifacts and registers it as a version of a model")
 
 
 @dataclass
@@ -374,9 +376,11 @@ def validate_spec(raw: dict[str, Any], path: Path) -> Spec:
                                                          "storage", probe)
         reg.get("searchers", searcher.name, where="searcher.name").check_space(searcher, space)
         data["compile"] = _check_compile(reg, top.compile)
-        if data["compile"] and not fw_cls.export_format:
-            raise UserError(f"framework '{framework.name}' cannot export a model, so nothing can be compiled",
-                            where="compile")
+        data["deploy"] = _check_deploy(reg, top.deploy, path.stem)
+        for section in ("compile", "deploy"):
+            if data[section] and not fw_cls.export_format:
+                raise UserError(f"framework '{framework.name}' cannot export a model, so nothing can be "
+                                f"{'compiled' if section == 'compile' else 'deployed'}", where=section)
     except UserError as e:
         e.where = f"{where}: {e.where}" if e.where else where
         raise UserError(e.message, where=e.where, choices=e.choices, got=e.got, hint=e.hint) from None
@@ -400,6 +404,34 @@ def _check_compile(reg: Any, steps: list[dict[str, Any]]) -> list[dict[str, Any]
     return out
 
 
+def _check_deploy(reg: Any, entries: list[dict[str, Any]], spec_name: str) -> list[dict[str, Any]]:
+    from mlk.deployments import check_model_name
+
+    out, seen = [], set()
+    models: dict[str, tuple[str, str]] = {}
+    for i, entry in enumerate(entries):
+        where = f"deploy[{i}]"
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise UserError("missing key 'name'", where=f"{where}.name", choices=reg.names("targets"))
+        cls = reg.get("targets", entry["name"], where=f"{where}.name")
+        config = validate_section(cls.Config, entry, where)
+        node_id = config.id or config.name
+        if node_id in seen:
+            raise UserError(f"two deploy entries have the id '{node_id}'", where=f"{where}.id",
+                            hint="give one of them an `id:` of its own")
+        seen.add(node_id)
+        if config.model is not None:
+            check_model_name(config.model, f"{where}.model")
+        model = config.model or spec_name
+        other = models.setdefault(model, (where, config.name))
+        if other[1] != config.name:
+            raise UserError(f"model '{model}' is also deployed by {other[0]} (target {other[1]}); the versions of a "
+                            "model come from one target", where=f"{where}.model",
+                            hint=f"give this entry a model of its own, e.g. `model: {model}-{config.name}`")
+        out.append(config.model_dump(mode="json"))
+    return out
+
+
 def _check_model(reg: Any, model: dict[str, Any], probe: dict[str, Any]) -> dict[str, Any]:
     if bool(model.get("name")) == bool(model.get("_target_")):
         raise UserError("give exactly one of `name` (a builtin model) or `_target_` (an importable callable)",
@@ -411,6 +443,11 @@ def _check_model(reg: Any, model: dict[str, Any], probe: dict[str, Any]) -> dict
     config = validate_section(cls.Config, bind_hparams(options, probe, "model"), "model")
     dumped = _restore_templates(config.model_dump(mode="json"), options)
     return {"name": model["name"], **dumped}
+
+
+def recorded_spec_path(run: dict[str, Any]) -> Path:
+    """The spec file a recorded run was composed from (its name, when the record lacks the file)."""
+    return Path((run.get("provenance") or {}).get("spec", {}).get("file") or f"{run['spec_name']}.yaml")
 
 
 # -- changes between two specs -------------------------------------------------------------------

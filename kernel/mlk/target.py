@@ -100,11 +100,15 @@ class Target(Plugin):
         accepts: artifact formats the target takes, in preference order.
         accepts_unvalidated: formats of ``accepts`` it also takes when their validation could not run
             on this machine (CoreML off macOS); the artifact's ``meta["validation"]`` then says so.
+        every_format: the bundle holds one artifact of each accepted format (mobile: Android and iOS),
+            so the kernel inserts compile steps for every format the spec does not make; otherwise
+            it inserts steps only when the spec makes none of them.
     """
 
     Config: ClassVar[type[DeployConfig]] = DeployConfig
     accepts: ClassVar[tuple[str, ...]] = ()
     accepts_unvalidated: ClassVar[tuple[str, ...]] = ()
+    every_format: ClassVar[bool] = False
 
     def __init__(self, config: DeployConfig) -> None:
         self.config = config
@@ -127,6 +131,10 @@ class Target(Plugin):
         :class:`Artifact` of format ``f"bundle.{self.name}"`` whose ``meta`` holds the facts (files,
         checksums, signature...)."""
         raise NotImplementedError
+
+    def bundle(self, out: Path, **meta: Any) -> Artifact:
+        """The :class:`Artifact` :meth:`build` returns: format ``bundle.NAME`` over the folder ``out``."""
+        return Artifact(f"bundle.{self.name}", out, dict(meta))
 
     def check(self, bundle: Artifact, inputs: DeployInputs) -> dict[str, Any]:
         """An acceptance test of the built bundle; returns its report (stored with the version).

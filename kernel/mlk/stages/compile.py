@@ -4,6 +4,7 @@ The plan takes the spec's ``compile:`` entries in order. Each step reads the lat
 artifact in a format it accepts (or the step named by its ``input``). When there is none, the
 kernel inserts the shortest chain of installed compilers that makes one (``tvm`` after ``torch``
 gets an ``onnx`` step in front), so a plugin that needs a format never needs a spec template.
+Deploy targets get their formats the same way (:func:`plan_steps` with ``wanted`` and ``after``).
 """
 
 from __future__ import annotations
@@ -69,8 +70,14 @@ def _chain(reg: Any, have: set[str], want: tuple[str, ...]) -> list[str] | None:
     return None
 
 
-def plan_steps(spec: Any, reg: Any, wanted: list[dict[str, Any]] | None = None) -> list[Step]:
-    """The compile steps of ``spec`` (or of ``wanted`` entries), with inserted ones, in order."""
+def plan_steps(spec: Any, reg: Any, wanted: list[dict[str, Any]] | None = None, *, after: list[Step] | None = None,
+               inserted_for: str | None = None, where: str = "compile") -> list[Step]:
+    """The compile steps of ``spec`` (or of ``wanted`` entries), with inserted ones, in order.
+
+    ``after`` are steps already planned: their artifacts are available to the new ones, and their ids
+    are taken. ``wanted`` entries (steps the kernel adds for a deploy target, named by ``inserted_for``)
+    get ids that collide with no other step's. ``where`` prefixes key paths in error messages.
+    """
     fw = reg.get("frameworks", spec["framework"]["name"], where="framework.name")
     formats: dict[str, str] = {EXPORT: fw.export_format}
     steps: list[Step] = []
@@ -86,16 +93,20 @@ def plan_steps(spec: Any, reg: Any, wanted: list[dict[str, Any]] | None = None) 
 
     for cfg in spec["compile"]:
         taken.add(cfg.get("id") or cfg["name"])
+    for earlier in after or []:
+        taken.add(earlier.id)
+        formats[earlier.node_id] = earlier.produces
     for i, cfg in enumerate(wanted if wanted is not None else spec["compile"]):
-        cls = reg.get("compilers", cfg["name"], where=f"compile[{i}].name")
+        here = f"{where}[{i}]"
+        cls = reg.get("compilers", cfg["name"], where=f"{here}.name")
         if cfg.get("input"):
             source = f"compile/{cfg['input']}" if cfg["input"] != EXPORT else EXPORT
             if source not in formats:
-                raise UserError(f"input '{cfg['input']}' is not an earlier step", where=f"compile[{i}].input",
+                raise UserError(f"input '{cfg['input']}' is not an earlier step", where=f"{here}.input",
                                 choices=[EXPORT, *(s.id for s in steps)], got=cfg["input"])
             if formats[source] not in cls.accepts:
                 raise UserError(f"'{cfg['input']}' makes {formats[source]}, but {cls.name} accepts "
-                                f"{', '.join(cls.accepts)}", where=f"compile[{i}].input")
+                                f"{', '.join(cls.accepts)}", where=f"{here}.input")
         else:
             source = next((n for n in reversed(formats) if formats[n] in cls.accepts), "")
             if not source:
@@ -103,21 +114,29 @@ def plan_steps(spec: Any, reg: Any, wanted: list[dict[str, Any]] | None = None) 
                 if chain is None:
                     raise UserError(f"{cls.name} needs {' or '.join(cls.accepts)}, and no installed compiler "
                                     f"makes that from {', '.join(sorted(set(formats.values())))}",
-                                    where=f"compile[{i}]", hint="`mlk plugins list` shows the compilers")
+                                    where=here, hint="`mlk plugins list` shows the compilers")
                 for name in chain:
-                    helper = reg.get("compilers", name, where=f"compile[{i}]")
+                    helper = reg.get("compilers", name, where=here)
                     src = next(n for n in reversed(formats) if formats[n] in helper.accepts)
                     step = Step(unique(name), {"name": name}, src, helper.produces, formats[src],
-                                inserted_for=cls.name, needs=cls.accepts)
+                                inserted_for=inserted_for or cls.name, needs=cls.accepts)
                     steps.append(step)
                     formats[step.node_id] = step.produces
                 source = next(n for n in reversed(formats) if formats[n] in cls.accepts)
         step_id = cfg.get("id") or cfg["name"]
+        if wanted is not None and inserted_for is not None:
+            step_id = unique(step_id)
         taken.add(step_id)
-        step = Step(step_id, cfg, source, cls.produces, formats[source])
+        step = Step(step_id, cfg, source, cls.produces, formats[source], inserted_for=inserted_for)
         steps.append(step)
         formats[step.node_id] = step.produces
     return steps
+
+
+def chain_to(spec: Any, reg: Any, steps: list[Step], want: tuple[str, ...]) -> list[str] | None:
+    """The shortest list of compiler names making a format of ``want`` from the export or ``steps``."""
+    fw = reg.get("frameworks", spec["framework"]["name"], where="framework.name")
+    return _chain(reg, {fw.export_format, *(s.produces for s in steps)}, want)
 
 
 def run(node: Node, ctx: Any) -> dict[str, Any]:

@@ -96,7 +96,8 @@ def measure(kind: str, name: str, folder: str, x: Any, compare: int, threads: in
     return result
 
 
-def _in_child(*args: Any) -> dict[str, Any]:
+def in_child(*args: Any) -> dict[str, Any]:
+    """:func:`measure` in a fresh (spawned) process."""
     with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
         return pool.submit(measure, *args).result()
 
@@ -118,8 +119,8 @@ def run(node: Node, ctx: Any) -> dict[str, Any]:
         art_out = ctx.outputs[node.config["artifact"]]
         art = fetch_artifact(ctx, art_out, work / "artifact")
         common = (x, cfg["compare_inputs"], cfg["threads"], cfg["batch_sizes"], cfg["warmup"], cfg["repeats"])
-        ref = _in_child("framework", ctx.spec["framework"]["name"], str(ref_art.path), *common, True)
-        got = _in_child("compiler", node.config["compiler"], str(art.path), *common, True)
+        ref = in_child("framework", ctx.spec["framework"]["name"], str(ref_art.path), *common, True)
+        got = in_child("compiler", node.config["compiler"], str(art.path), *common, True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if "unavailable" in got:
