@@ -21,9 +21,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlk.errors import MlkError, UserError
+
+if TYPE_CHECKING:
+    from mlk.distributed import Distributed
 
 
 @dataclass
@@ -100,9 +103,14 @@ class TrialContext:
         framework, data, model: the spec's sections with ``${hp.*}`` bound to ``hparams``.
         threads: the CPU threads this trial may use.
         deterministic: whether the spec asks for bit-exact reproducibility.
+        distributed: None for a single-process trial; with ``resources.slots_per_trial: N > 1``, a
+            :class:`mlk.distributed.Distributed` (rank, world_size, addr, port, worker_ports,
+            backend) saying where this process sits among the trial's N. Every rank reports and
+            saves as usual; only rank 0's reports and checkpoints are recorded (:attr:`is_main`).
     """
 
-    def __init__(self, task: TrialTask, store: Any, storage: Any, hooks: Any) -> None:
+    def __init__(self, task: TrialTask, store: Any, storage: Any, hooks: Any,
+                 distributed: Distributed | None = None) -> None:
         from mlk.spec import bind_hparams
 
         self.task = task
@@ -128,6 +136,13 @@ class TrialContext:
         self.last_metrics: dict[str, Any] = {}
         self._stop = False
         self._dataset: Any = None
+        self.distributed = distributed
+
+    @property
+    def is_main(self) -> bool:
+        """True in a single-process trial and on rank 0 of a data-parallel one: the process whose
+        reports and checkpoints are recorded."""
+        return self.distributed is None or self.distributed.rank == 0
 
     # -- seeds and control ------------------------------------------------------------------
 
@@ -182,6 +197,9 @@ class TrialContext:
                 where="searcher.metric", choices=clean, got=self.metric,
             )
         value = clean[self.metric]
+        if not self.is_main:  # the other ranks of a data-parallel trial: rank 0 records
+            self.last_resource, self.last_metrics = resource, clean
+            return
         self.store.record_metrics(self.run_id, self.trial_id, resource, clean, value)
         self.last_resource = resource
         self.last_metrics = clean
@@ -195,7 +213,8 @@ class TrialContext:
         """Yield an empty folder; what is written there becomes this trial's checkpoint at ``resource``.
 
         Files are uploaded with sha256 checksums when the block ends without error; then the
-        retention policy (``storage.keep``) deletes older checkpoints of this trial.
+        retention policy (``storage.keep``) deletes older checkpoints of this trial. On ranks other
+        than 0 of a data-parallel trial the folder is discarded (the replicas are identical).
         """
         from mlk.storage import put_dir
 
@@ -204,6 +223,8 @@ class TrialContext:
             folder = tmp / "ckpt"
             folder.mkdir()
             yield folder
+            if not self.is_main:
+                return
             prefix = checkpoint_prefix(self.run_id, self.trial_id, resource)
             info = {"trial_id": self.trial_id, "resource": resource, "hparams": self.hparams, **(meta or {})}
             manifest = put_dir(self.storage, folder, prefix, info)
@@ -283,8 +304,16 @@ def build_model(reg: Any, model: dict[str, Any], framework: str, meta: dict[str,
     return plugin.build(framework, meta)
 
 
-def run_trial(task: TrialTask) -> TrialResult:
-    """Run one trial request to completion in this process; never raises."""
+def run_trial(task: TrialTask, distributed: Distributed | None = None) -> TrialResult:
+    """Run one trial request to completion; never raises.
+
+    With ``resources.slots_per_trial: N > 1`` this process supervises N rank processes
+    (:func:`mlk.distributed.run_distributed`), each of which calls ``run_trial`` with its
+    ``distributed`` place; otherwise it trains here.
+    """
+    slots = int((task.spec.get("resources") or {}).get("slots_per_trial", 1))
+    if slots > 1 and distributed is None:
+        return _supervise(task, slots)
     started = time.time()
     store = None
     _busy.set()
@@ -297,7 +326,7 @@ def run_trial(task: TrialTask) -> TrialResult:
         reg = registry()
         storage_cls = reg.get("storage", task.spec["storage"]["name"], where="storage.name")
         storage = storage_cls(validate_section(storage_cls.Config, task.spec["storage"], "storage"), Path(task.home))
-        ctx = TrialContext(task, store, storage, reg.hooks)
+        ctx = TrialContext(task, store, storage, reg.hooks, distributed)
         fw_cls = reg.get("frameworks", ctx.framework["name"], where="framework.name")
         fw_cls.ensure_available()
         framework = fw_cls(validate_section(fw_cls.Config, ctx.framework, "framework"))
@@ -307,7 +336,7 @@ def run_trial(task: TrialTask) -> TrialResult:
         finally:
             signal.signal(signal.SIGTERM, previous)
         flags = framework.determinism(ctx.deterministic)  # idempotent: reads back what training used
-        if flags:
+        if flags and ctx.is_main:
             store.add_event(task.run_id, "framework_flags", {"trial_id": task.trial_id,
                                                              "framework": fw_cls.name, "flags": flags})
         if not ctx.last_metrics:
@@ -328,3 +357,18 @@ def run_trial(task: TrialTask) -> TrialResult:
         _busy.clear()
         if store is not None:
             store.close()
+
+
+def _supervise(task: TrialTask, slots: int) -> TrialResult:
+    """Run ``task`` data-parallel on ``slots`` rank processes; SIGTERM and the driver's death reach
+    every rank as a stop request."""
+    from mlk.distributed import run_distributed
+
+    stop = threading.Event()
+    _busy.set()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        return run_distributed(task, slots, should_stop=lambda: stop.is_set() or _driver_gone.is_set())
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _busy.clear()
