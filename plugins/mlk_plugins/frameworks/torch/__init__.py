@@ -48,13 +48,17 @@ class TorchFramework(Framework):
     Each epoch: shuffle (and augment) with the epoch's seed, train, evaluate on val, report
     ``train_loss``, ``val_loss`` and ``val_accuracy``, and checkpoint model and optimiser as
     safetensors + JSON (never pickle). A resumed trial is bit-identical to an uninterrupted one
-    when ``reproducibility.deterministic`` is on.
+    when ``reproducibility.deterministic`` is on. With ``resources.slots_per_trial: N`` the same
+    loop runs under DistributedDataParallel on N processes, each on its shard of every batch.
     """
 
     name = "torch"
     Config: ClassVar[type[TorchConfig]] = TorchConfig
+    #: DistributedDataParallel over the kernel's rank processes (gloo on CPU, NCCL with GPUs).
+    max_slots = 64
     requires = ("torch", "safetensors", "numpy")
     extra = "torch"
+    preload = ("torch", "safetensors.torch", "mlk_plugins.frameworks.torch._impl")
     export_format = "torch"
     config: TorchConfig
 
@@ -71,9 +75,14 @@ class TorchFramework(Framework):
         return runner(artifact, threads)
 
     def train(self, ctx: TrialContext) -> None:
+        from mlk_plugins.frameworks.torch import ddp
         from mlk_plugins.frameworks.torch._impl import trial_for
 
-        trial_for(ctx, self.config).run()
+        try:
+            trial_for(ctx, self.config).run()
+        finally:
+            if ctx.distributed is not None:
+                ddp.leave()
 
     def evaluate(self, ctx: TrialContext, split: str = "test") -> dict[str, float]:
         """Metrics (``<split>_loss``, ``<split>_accuracy``) of the trial's latest checkpoint on ``split``."""

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from mlk.errors import UserError
+from mlk.trial import derive_seed
+from mlk_plugins.frameworks.torch import ddp
 
 if TYPE_CHECKING:
     from mlk.datasets import DataSplits
@@ -88,6 +90,12 @@ class TorchTrial:
     The loop seeds everything random in an epoch (shuffle order, augmentation, dropout) from
     ``ctx.epoch_seed(epoch)``, so an override that draws random numbers from ``torch``'s global
     generator or from ``self.generator`` stays reproducible across resumes.
+
+    Data parallel (``resources.slots_per_trial: N``): ``self.model`` is wrapped in
+    DistributedDataParallel, each rank trains on its shard of every global batch of
+    ``framework.batch_size`` (see :mod:`mlk_plugins.frameworks.torch.ddp`), evaluation is sharded
+    and combined, and only rank 0 writes checkpoints; overrides need no change. ``self.module`` is
+    the unwrapped network.
     """
 
     def __init__(self, ctx: TrialContext, config: TorchConfig) -> None:
@@ -101,6 +109,15 @@ class TorchTrial:
         self.augment: dict[str, Any] | None = None
         self.generator: torch.Generator | None = None
         self._tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        #: This process's place in a data-parallel trial (None: one process).
+        self.place = ctx.distributed
+        self.shard_weight = ddp.ShardWeight()
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The network being trained, without its DistributedDataParallel wrapper."""
+        assert self.model is not None
+        return ddp.unwrap(self.model)
 
     # -- what a subclass overrides --------------------------------------------------------------
 
@@ -167,8 +184,11 @@ class TorchTrial:
         return self._tensors[split]
 
     def batches(self, split: str, batch_size: int | None = None) -> Iterator[Batch]:
-        """``split`` in order, in batches of ``batch_size`` (default ``framework.eval_batch_size``)."""
+        """``split`` in order, in batches of ``batch_size`` (default ``framework.eval_batch_size``);
+        in a data-parallel trial, this rank's contiguous shard of it."""
         x, y = self.tensors(split)
+        if self.place is not None:
+            x, y = (ddp.shard(t, self.place.rank, self.place.world_size) for t in (x, y))
         size = batch_size or self.config.eval_batch_size
         for start in range(0, len(y), size):
             yield x[start:start + size], y[start:start + size]
@@ -181,10 +201,14 @@ class TorchTrial:
         size = self.config.batch_size
         for start in range(0, len(y), size):
             idx = order[start:start + size]
-            inputs = x[idx]
+            inputs, targets = x[idx], y[idx]
             if self.augment:
                 inputs = augment_images(inputs, generator=generator, **self.augment)
-            yield inputs, y[idx]
+            if self.place is not None:  # this rank's share of the global batch
+                rank, world = self.place.rank, self.place.world_size
+                self.shard_weight.set(len(ddp.shard(targets, rank, world)), len(targets))
+                inputs, targets = ddp.shard(inputs, rank, world), ddp.shard(targets, rank, world)
+            yield inputs, targets
 
     # -- the loop -------------------------------------------------------------------------------------
 
@@ -197,6 +221,9 @@ class TorchTrial:
         torch.manual_seed(self.ctx.seed)  # the initial weights
         self.model = self.build_model()
         self.optimizer = self.build_optimizer(self.model)
+        if self.place is not None:
+            ddp.init(self.place)
+            self.model = ddp.wrap(self.model, self.shard_weight)
 
     def train_epoch(self, epoch: int) -> float:
         """Train one epoch with its own seed; return the mean training loss."""
@@ -204,17 +231,38 @@ class TorchTrial:
         self.epoch = epoch
         seed = self.ctx.epoch_seed(epoch)
         self.generator = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)  # dropout and anything else drawing from the global generator
+        # Dropout and anything else drawing from the global generator; other ranks draw their own.
+        torch.manual_seed(seed if self.place is None or self.place.rank == 0
+                          else derive_seed(seed, "rank", self.place.rank))
         self.model.train()
-        total, count = 0.0, 0
+        total, count = 0.0, 0.0
         for inputs, targets in self.train_batches(self.generator):
-            total += self.train_batch(inputs, targets) * len(targets)
-            count += len(targets)
+            loss = self.train_batch(inputs, targets)  # every rank steps, even on an empty shard
+            if len(targets):
+                total += loss * len(targets)
+                count += len(targets)
+        if self.place is not None:
+            total, count = ddp.sum_over_ranks([total, count])
         return total / count if count else float("nan")
 
     def evaluate_split(self, split: str) -> dict[str, float]:
-        """:meth:`evaluate` on ``split`` (``val`` or ``test``), keys prefixed ``<split>_``."""
-        return {f"{split}_{k}": v for k, v in self.evaluate(self.batches(split)).items()}
+        """:meth:`evaluate` on ``split`` (``val`` or ``test``), keys prefixed ``<split>_``.
+
+        Data parallel: each rank evaluates its shard with the unwrapped network, and the metrics
+        (means over examples) are combined weighted by shard size.
+        """
+        if self.place is None:
+            return {f"{split}_{k}": v for k, v in self.evaluate(self.batches(split)).items()}
+        wrapped, self.model = self.model, self.module
+        try:
+            local = self.evaluate(self.batches(split))
+        finally:
+            self.model = wrapped
+        n = len(ddp.shard(self.tensors(split)[1], self.place.rank, self.place.world_size))
+        keys = sorted(local)
+        sums = ddp.sum_over_ranks([local[k] * n if n else 0.0 for k in keys] + [float(n)])
+        total = sums[-1]
+        return {f"{split}_{k}": (v / total if total else float("nan")) for k, v in zip(keys, sums)}
 
     def run(self) -> None:
         """Restore the latest checkpoint; then train, report and checkpoint each epoch to ``ctx.target``."""
@@ -241,9 +289,12 @@ class TorchTrial:
     # -- checkpoints ------------------------------------------------------------------------------
 
     def save(self, folder: Path) -> None:
-        """Write model, optimiser and trial info into ``folder`` (safetensors and JSON)."""
+        """Write model, optimiser and trial info into ``folder`` (safetensors and JSON); only on rank 0
+        of a data-parallel trial (the replicas are identical)."""
         assert self.model is not None and self.optimizer is not None
-        save_file(_own_storage(self.model.state_dict()), str(folder / MODEL_FILE))
+        if not self.ctx.is_main:
+            return
+        save_file(_own_storage(self.module.state_dict()), str(folder / MODEL_FILE))
         tensors, skeleton = flatten_state(self.optimizer.state_dict())
         save_file(_own_storage(tensors), str(folder / OPTIMIZER_TENSORS))
         (folder / OPTIMIZER_JSON).write_text(json.dumps(skeleton, sort_keys=True))
@@ -260,7 +311,7 @@ class TorchTrial:
         if not (folder / MODEL_FILE).is_file():
             raise UserError(f"checkpoint of trial {self.ctx.trial_id} has no {MODEL_FILE}; "
                             "it was not written by the torch framework", where="framework.name")
-        self.model.load_state_dict(load_file(str(folder / MODEL_FILE)))
+        self.module.load_state_dict(load_file(str(folder / MODEL_FILE)))
         if (folder / OPTIMIZER_JSON).is_file():
             fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
             has_tensors = (folder / OPTIMIZER_TENSORS).is_file()

@@ -66,10 +66,10 @@ def export_trial(ctx: TrialContext, resource: int, out: Path) -> Artifact:
             raise MlkError(f"trial {ctx.trial_id} has no checkpoint at {resource} epochs to export "
                            "(storage.keep.trial_best must keep it)")
         trial.load(found[0])
-    meta = {k: trial.meta[k] for k in ("input_shape", "num_classes", "layout") if k in trial.meta}
+    meta: dict[str, Any] = {k: trial.meta[k] for k in ("input_shape", "num_classes", "layout") if k in trial.meta}
     meta.update({"trial_id": ctx.trial_id, "resource": resource, "classes": trial.meta.get("classes")})
     rebuild = {"model": ctx.model, "meta": trial.meta}
-    return write_artifact(trial.model, out, None, meta, rebuild, f"export trial {ctx.trial_id} @ {resource}")
+    return write_artifact(trial.module, out, None, meta, rebuild, f"export trial {ctx.trial_id} @ {resource}")
 
 
 def load_module(artifact: Artifact) -> nn.Module:
