@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 _LAZY = ("TorchTrial", "augment_images", "shift_images", "flatten_state", "unflatten_state")
 
 
-class TorchConfig(FrameworkConfig):
-    """``framework:`` for ``name: torch``. Values may be hyperparameters (``lr: ${hp.lr}``)."""
+class TorchOptions(FrameworkConfig):
+    """The optimiser and batch options the ``torch`` and ``lightning`` frameworks share."""
 
     optimizer: Literal["sgd", "adam", "adamw"] = Field("adam", description="the optimisation algorithm")
     lr: float = Field(1e-3, gt=0.0, description="learning rate")
@@ -36,6 +36,11 @@ class TorchConfig(FrameworkConfig):
     batch_size: int = Field(32, ge=1, description="training examples per optimisation step")
     eval_batch_size: int = Field(512, ge=1, description="examples per forward pass when evaluating")
     loss: Literal["cross_entropy"] = Field("cross_entropy", description="the training and evaluation loss")
+
+
+class TorchConfig(TorchOptions):
+    """``framework:`` for ``name: torch``. Values may be hyperparameters (``lr: ${hp.lr}``)."""
+
     trial: str | None = Field(
         None,
         description="'package.module:Class' of a TorchTrial subclass with a custom training loop",

@@ -13,6 +13,7 @@ Nothing is pickled, so loading a checkpoint never runs code.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,10 +46,23 @@ def set_determinism(deterministic: bool, threads: int | None = None) -> dict[str
     if threads is not None:
         torch.set_num_threads(max(1, int(threads)))
     torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        torch.backends.cudnn.benchmark = False  # autotuning picks kernels by timing, run to run
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS on CUDA >= 10.2
+    cuda = torch.cuda.is_available()
     return {
         "torch.use_deterministic_algorithms": deterministic,
+        "torch.backends.cudnn.deterministic": torch.backends.cudnn.deterministic,
+        "torch.backends.cudnn.benchmark": torch.backends.cudnn.benchmark,
+        "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
         "torch.num_threads": torch.get_num_threads(),
         "torch.version": torch.__version__,
+        "device": "cuda" if cuda else "cpu",
+        # On CPU the same seed gives the same bits; CUDA's deterministic kernels repeat on one GPU model
+        # and library version, not across them.
+        "bit_exact": ("yes (CPU)" if not cuda else "same GPU model and CUDA/cuDNN versions only")
+        if deterministic else "no (reproducibility.deterministic is off)",
     }
 
 
@@ -222,7 +236,7 @@ class TorchTrial:
         self.model = self.build_model()
         self.optimizer = self.build_optimizer(self.model)
         if self.place is not None:
-            ddp.init(self.place)
+            ddp.init(self.place, backend="gloo")  # this loop trains on CPU, whatever GPUs exist
             self.model = ddp.wrap(self.model, self.shard_weight)
 
     def train_epoch(self, epoch: int) -> float:
@@ -334,18 +348,23 @@ class TorchTrial:
         return resource
 
     def _augment_settings(self) -> dict[str, Any] | None:
-        raw = self.ctx.data.get("augment") or {}
-        settings = {
-            "width_shift": float(raw.get("width_shift", 0.0)),
-            "height_shift": float(raw.get("height_shift", 0.0)),
-            "horizontal_flip": bool(raw.get("horizontal_flip", False)),
-        }
-        if not any(settings.values()):
-            return None
-        if self.meta.get("layout") != "nchw":
-            raise UserError(f"augmentation needs images (layout nchw); dataset '{self.ctx.data.get('name')}' "
-                            f"gives layout {self.meta.get('layout')!r}", where="data.augment")
-        return settings
+        return augment_settings(self.ctx.data, self.meta)
+
+
+def augment_settings(data: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The keyword arguments of :func:`augment_images` that ``data.augment`` asks for; None for none."""
+    raw = data.get("augment") or {}
+    settings = {
+        "width_shift": float(raw.get("width_shift", 0.0)),
+        "height_shift": float(raw.get("height_shift", 0.0)),
+        "horizontal_flip": bool(raw.get("horizontal_flip", False)),
+    }
+    if not any(settings.values()):
+        return None
+    if meta.get("layout") != "nchw":
+        raise UserError(f"augmentation needs images (layout nchw); dataset '{data.get('name')}' "
+                        f"gives layout {meta.get('layout')!r}", where="data.augment")
+    return settings
 
 
 # -- augmentation ---------------------------------------------------------------------------------

@@ -25,11 +25,12 @@ if TYPE_CHECKING:
 TIMEOUT = datetime.timedelta(minutes=30)
 
 
-def init(place: Distributed) -> None:
-    """Join the trial's process group (once per process)."""
+def init(place: Distributed, backend: str | None = None) -> None:
+    """Join the trial's process group (once per process), over ``backend`` (default: the kernel's
+    choice, ``place.backend``)."""
     if dist.is_initialized():
         return
-    dist.init_process_group(place.backend, init_method=place.init_method, rank=place.rank,
+    dist.init_process_group(backend or place.backend, init_method=place.init_method, rank=place.rank,
                             world_size=place.world_size, timeout=TIMEOUT)
 
 
@@ -73,9 +74,15 @@ def wrap(model: torch.nn.Module, weight: ShardWeight) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ddp = DistributedDataParallel(model)
-    # A lambda: DDP rejects a hook whose annotations are strings (postponed evaluation here).
-    ddp.register_comm_hook(weight, lambda state, bucket: weighted_allreduce_hook(state, bucket))
+    register_hook(ddp, weight)
     return ddp
+
+
+def register_hook(model: Any, weight: ShardWeight) -> None:
+    """Install :func:`weighted_allreduce_hook` on a DistributedDataParallel ``model`` (before its first
+    backward pass)."""
+    # A lambda: DDP rejects a hook whose annotations are strings (postponed evaluation here).
+    model.register_comm_hook(weight, lambda state, bucket: weighted_allreduce_hook(state, bucket))
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -85,9 +92,9 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def sum_over_ranks(values: list[float]) -> list[float]:
-    """Elementwise sum of ``values`` over every rank (float64)."""
-    t = torch.tensor(values, dtype=torch.float64)
+def sum_over_ranks(values: list[float], device: torch.device | str | None = None) -> list[float]:
+    """Elementwise sum of ``values`` over every rank (float64, on ``device``: a GPU under NCCL)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return [float(v) for v in t]
 
