@@ -46,7 +46,7 @@ def test_every_plugin_group_has_a_conformance_suite_or_reason() -> None:
         if group in ("datasets", "models"):
             continue  # exercised through the framework suite, which loads data and builds models
         assert {"frameworks": "framework", "searchers": "searcher", "backends": "backend",
-                "storage": "storage", "compilers": "compiler"}[group] in suites
+                "storage": "storage", "compilers": "compiler", "targets": "target"}[group] in suites
 
 
 @pytest.fixture
