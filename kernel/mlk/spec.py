@@ -519,5 +519,7 @@ def spec_schema() -> dict[str, Any]:
         storage=(union("storage"), None),
         resources=(backends[0] if len(backends) == 1 else dict[str, Any], None),
         hyperparameters=(dict[str, Hyperparameter], None),
+        compile=(list[union("compilers")], None),  # type: ignore[arg-type,misc,maybe-unrecognized-str-typeform]
+        deploy=(list[union("targets")], None),  # type: ignore[arg-type,misc,maybe-unrecognized-str-typeform]
     )
     return model.model_json_schema()

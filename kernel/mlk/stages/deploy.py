@@ -56,11 +56,12 @@ def plan_deploys(spec: Any, reg: Any, steps: list[Step]) -> list[Node]:
                 step.inserted_for, step.needs = node_id, formats
             steps.extend(added)
             have |= {s.produces for s in added}
+        # In the order the artifacts are made: the trained model first, then each step's.
         candidates: list[dict[str, Any]] = [
-            {"artifact": s.node_id, "validate": f"validate/{s.id}", "format": s.produces}
-            for s in steps if s.produces in cls.accepts]
-        if fw.export_format in cls.accepts:
-            candidates.append({"artifact": EXPORT, "validate": None, "format": fw.export_format})
+            {"artifact": EXPORT, "validate": None, "format": fw.export_format}
+        ] if fw.export_format in cls.accepts else []
+        candidates += [{"artifact": s.node_id, "validate": f"validate/{s.id}", "format": s.produces}
+                       for s in steps if s.produces in cls.accepts]
         model = cfg.get("model") or spec.name
         target = cls(cls.Config.model_validate(cfg))
         optional = [c[k] for c in candidates for k in ("artifact", "validate") if c[k] and c[k] != EXPORT]
@@ -70,7 +71,8 @@ def plan_deploys(spec: Any, reg: Any, steps: list[Step]) -> list[Node]:
             config={"target": cfg, "model": model, "candidates": candidates,
                     "validate": {k: spec["validate"][k] for k in ("split", "threads", "max_metric_drop")}},
             inputs=[EXPORT, *optional, *data], optional=optional,
-            describe=f"{target.describe([c['format'] for c in candidates])}; a new version of model '{model}' "
+            describe=f"{target.describe([f for f in cls.accepts if any(c['format'] == f for c in candidates)])}; "
+                     f"a new version of model '{model}' "
                      f"(promote: {promote})"))
     return nodes
 
