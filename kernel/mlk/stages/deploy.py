@@ -129,8 +129,9 @@ def run(node: Node, ctx: Any) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
     ctx.store.add_event(ctx.run_id, "deployed", {"node": node.id, "model": version.name, "version": version.version,
                                                   "target": cls.name, "promoted": promoted})
-    ctx.say(f"{node.id}: model [bold]{version.name}[/] version {version.version} ({promoted}) from "
-            f"{', '.join(f'{c}' for c in used.values())}, {outputs['size_bytes'] / 1e6:.2f} MB at {version.bundle}")
+    ctx.say(f"{node.id}: model [bold]{version.name}[/] version {version.version} ({promoted}), "
+            f"{outputs['size_bytes'] / 1e6:.2f} MB at {version.bundle} (artifacts offered: "
+            f"{', '.join(used.values())})")
     return {**outputs, "model": version.name, "version": version.version, "target": cls.name,
             "bundle": str(version.bundle), "promoted": promoted, "check": check, "artifacts": used}
 
