@@ -73,7 +73,7 @@ def model(name: str, epochs: int = 0, seed: int = 0) -> tuple[Any, dict[str, Any
     if epochs:
         from mlk_plugins.compilers.passes import finetune
 
-        finetune(module, *data.train, epochs=epochs, lr=3e-3, batch_size=64, seed=seed)
+        finetune(module, data.train[0], data.train[1], epochs=epochs, lr=3e-3, batch_size=64, seed=seed)
     return module.eval(), meta, recipe, data
 
 

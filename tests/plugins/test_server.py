@@ -161,6 +161,7 @@ def test_clients_get_the_models_answers(server: Any, models: dict[str, Any]) -> 
     tc = triton.InferenceServerClient(f"127.0.0.1:{server.port}")
     assert tc.is_server_live() and tc.is_server_ready()
     assert tc.is_model_ready("digits", headers=dict(AUTH))
+    assert "binary_tensor_data" in tc.get_server_metadata(headers=dict(AUTH))["extensions"]
     meta = tc.get_model_metadata("digits", headers=dict(AUTH))
     assert meta["inputs"][0] == {"name": "x", "datatype": "FP32", "shape": [-1, 64]}
     for binary in (True, False):
@@ -277,12 +278,30 @@ def _metric(text: str, name: str) -> float:
 
 @pytest.fixture(scope="module")
 def lifecycle(models: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A server started the way a user does, `mlk serve digits` (which becomes `bentoml serve`)."""
+    import os
+    import sys
+
     home = tmp_path_factory.mktemp("lifecycle-home")
     _deploy(home, models, "a", drift_window=200, monitor_interval_s=1.0, drift_threshold=0.25)
-    proc = deployed.ServerProcess.registry_model(home, "digits", home / "server.log").start()
+    port = deployed.free_port()
+    env = {**os.environ, "MLK_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true", "MLK_SERVE_POLL": "0.5"}
+    argv = [sys.executable, "-m", "mlk", "serve", "digits", "--port", str(port)]
+    proc = deployed.ServerProcess(argv, env, port, home / "server.log").start()
     proc.home = home
     yield proc
     assert proc.stop() == []
+
+
+def _mlk(home: Path, *args: str) -> str:
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "mlk", *args], env={**os.environ, "MLK_HOME": str(home)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 def _predict_versions(url: str, x: np.ndarray, n: int) -> Counter[str]:
@@ -342,16 +361,14 @@ def test_canary_split_and_rollback_under_load(lifecycle: Any, models: dict[str, 
     for t in threads:
         t.start()
     time.sleep(1.5)
-    registry = Registry(lifecycle.home)
-    registry.rollback("digits", "test: rollback under load")
     rolled = time.monotonic()
+    _mlk(lifecycle.home, "models", "rollback", "digits")
     _wait_for(lambda: _serving(lifecycle.url) == ["1"])
     settled = time.monotonic()
     time.sleep(1.5)
     stop.set()
     for t in threads:
         t.join()
-    registry.close()
     assert failures == []
     before = [v for t, v in answers if t < rolled]
     after = [v for t, v in answers if t > settled + 0.2]
@@ -400,3 +417,52 @@ def test_drift_rises_on_shifted_inputs_not_on_held_out_ones(lifecycle: Any, mode
     registry.close()
     assert {"input_psi", "input_kl", "output_psi", "output_kl", "requests", "p99_ms"} <= set(rows[0]["scores"])
     assert re.search(r"PSI \d+\.\d+ > threshold 0\.250", lifecycle.log())
+
+    def monitored() -> dict[str, Any]:
+        report = json.loads(_mlk(lifecycle.home, "monitor", "digits", "--json"))
+        return next(v for v in report["versions"] if v["version"] == 1)
+
+    _wait_for(lambda: monitored()["alert"])  # `mlk monitor` reads what the server wrote
+    assert monitored()["checks"]["input_psi"]["threshold"] == 0.25
+
+
+# -- the Bento ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_bento_is_built_offline_and_serves_its_bundle(models: dict[str, Any], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import subprocess
+    import sys
+
+    import tritonclient.http as triton
+
+    from mlk.target import DeployInputs
+
+    monkeypatch.setenv("MLK_HOME", str(tmp_path / "home"))
+    target = ServerTarget(ServerTarget.Config.model_validate({"name": "server"}))
+    inputs = DeployInputs(data=None, reference=models["reference"], labels=None, threads=1, seed=0, validation={})
+    bundle = target.build({"onnxruntime": models["a"]}, tmp_path / "bundle", inputs)
+    tag = bundle.meta["bento"]
+    assert tag.startswith("mlk-server:")
+    bentoml_home = tmp_path / "home" / "bentoml"
+    env = {**os.environ, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "true"}
+    env.pop("MLK_SERVE_BUNDLE", None)
+    listed = subprocess.run([sys.executable, "-m", "bentoml", "list", "-o", "json"], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert tag in {b["tag"] for b in json.loads(listed.stdout)}, listed.stdout + listed.stderr
+    # the Bento alone (no registry, no MLK_HOME) serves the bundle it holds
+    env.pop("MLK_HOME", None)
+    port = deployed.free_port()
+    argv = [sys.executable, "-m", "bentoml", "serve", tag, "--host", "127.0.0.1", "--port", str(port)]
+    with deployed.ServerProcess(argv, env, port, tmp_path / "bento.log") as proc:
+        x = models["data"].test[0][:6]
+        tc = triton.InferenceServerClient(f"127.0.0.1:{port}")
+        tensor = triton.InferInput("x", [6, 64], "FP32")
+        tensor.set_data_from_numpy(x)
+        result = tc.infer("model", [tensor])
+        np.testing.assert_allclose(result.as_numpy("logits"), models["run"](x), rtol=1e-5, atol=1e-5)
+        tc.close()
+        assert "serving bundle" in proc.log()
+    assert not deployed.alive(proc.proc.pid)

@@ -99,13 +99,16 @@ class Bundle:
     settings: Settings
 
     @classmethod
-    def open(cls, path: Path, verify: bool = True) -> Bundle:
-        """Read the bundle at ``path``; with ``verify``, every file must match the manifest."""
+    def open(cls, path: Path, verify: bool = True, extra_files: bool = False) -> Bundle:
+        """Read the bundle at ``path``; with ``verify``, every file must match the manifest (and, unless
+        ``extra_files``, no other file may be there: a Bento's source folder also holds BentoML's own)."""
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
             raise MlkError(f"{path} is not a server bundle (no {MANIFEST})")
         if verify:
             problems = verify_checksums(path, json.loads(manifest_path.read_text())["files"])
+            if extra_files:
+                problems = [p for p in problems if not p.endswith("not in the manifest")]
             if problems:
                 raise MlkError(f"server bundle {path} is damaged: " + "; ".join(problems))
         return cls(path, Artifact.load(path / MODEL_DIR),

@@ -22,6 +22,18 @@ async def _send_error(send: Any, status: int, message: str, extra: list[tuple[by
     await send({"type": "http.response.body", "body": body})
 
 
+def _bundle_limit() -> int | None:
+    """``max_request_bytes`` of the bundle served from a Bento (``MLK_SERVE_BUNDLE``), if any."""
+    folder = os.environ.get("MLK_SERVE_BUNDLE")
+    if not folder:
+        return None
+    try:
+        with open(os.path.join(folder, "settings.json")) as f:
+            return int(json.load(f)["max_request_bytes"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 class Guard:
     """Refuses requests without the bearer token (401) and bodies over the size limit (413).
 
@@ -33,7 +45,7 @@ class Guard:
         self.app = app
         token = os.environ.get("MLK_SERVE_TOKEN") or ""
         self.token = f"Bearer {token}".encode() if token else None
-        self.max_bytes = int(os.environ.get("MLK_SERVE_MAX_BYTES") or 4 << 20)
+        self.max_bytes = int(os.environ.get("MLK_SERVE_MAX_BYTES") or _bundle_limit() or 4 << 20)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":

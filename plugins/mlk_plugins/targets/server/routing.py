@@ -165,10 +165,11 @@ class Router:
     def ready(self) -> bool:
         return self.routes.production is not None
 
-    def pick(self, version: str | None = None) -> Version:
+    def pick(self, version: str | None = None, request: bool = True) -> Version:
         """The version for one request: ``version`` when the client names one that is loaded, else the
         production/canary split (every request ``n`` goes to the canary when ``floor(n * p / 100)``
-        steps, so the split is exact over any run of requests)."""
+        steps, so the split is exact over any run of requests). ``request=False`` (metadata, readiness)
+        answers production without counting towards the split."""
         routes = self.routes
         if version is not None:
             found = self.loaded.get(version)
@@ -178,7 +179,7 @@ class Router:
             return found
         if routes.production is None:
             raise BadRequest(f"model {self.model!r} has no production version yet", 503)
-        if routes.canary is None:
+        if routes.canary is None or not request:
             return routes.production
         self._count += 1
         n, p = self._count, routes.percent
@@ -218,7 +219,7 @@ class Router:
 
     def _install_bundle(self) -> None:
         assert self.bundle_path is not None
-        version = Version(self.model, "bundle", Bundle.open(self.bundle_path), self.metrics)
+        version = Version(self.model, "bundle", Bundle.open(self.bundle_path, extra_files=True), self.metrics)
         self.loaded = {"bundle": version}
         self.routes = Routes(production=version, key="bundle")
         self._set_roles()

@@ -132,7 +132,7 @@ async def _bad_request(_: Request, e: BadRequest) -> JSONResponse:
     return _error(e.status, str(e))
 
 
-@v2.get("")
+@v2.get("/")
 async def server_metadata() -> dict[str, Any]:
     from importlib.metadata import version
 
@@ -153,7 +153,7 @@ async def ready() -> Response:
 def _metadata(name: str, version: str | None) -> dict[str, Any]:
     state = _state()
     state.check_model(name)
-    chosen = state.router.pick(version)
+    chosen = state.router.pick(version, request=False)
     versions = [v.version for _, v in state.router.routes.serving()]
     return protocol.model_metadata(name, versions, chosen.platform, chosen.signature)
 
@@ -172,7 +172,7 @@ def _model_ready(name: str, version: str | None) -> Response:
     state = _state()
     state.check_model(name)
     try:
-        state.router.pick(version)
+        state.router.pick(version, request=False)
     except BadRequest as e:
         if e.status == 503:
             return JSONResponse({"name": name, "ready": False}, status_code=503)
@@ -254,4 +254,18 @@ class MlkServer:
         return await state.answer("predict", version, parse, reply)
 
 
-MlkServer.add_asgi_middleware(Guard)  # type: ignore[attr-defined]  # the decorator returns a bentoml Service
+class V2Root:
+    """``GET /v2`` (server metadata) is the root of the mounted v2 app, which only matches ``/v2/``."""
+
+    def __init__(self, app: Any, **_: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("path") == "/v2":
+            scope = {**scope, "path": "/v2/", "raw_path": b"/v2/"}
+        await self.app(scope, receive, send)
+
+
+# the decorator returns a bentoml Service, which takes ASGI middlewares
+MlkServer.add_asgi_middleware(V2Root)  # type: ignore[attr-defined]
+MlkServer.add_asgi_middleware(Guard)  # type: ignore[attr-defined]

@@ -102,31 +102,25 @@ def _kind(x: Any) -> str:
     return {"b": "booleans", "U": "strings", "S": "bytes", "c": "complex numbers"}.get(x.dtype.kind, str(x.dtype))
 
 
-def from_json_list(data: Any, signature: Signature) -> Any:
-    """A batch from nested JSON lists (the JSON predict route), checked against ``signature``."""
+def _numbers(data: Any, what: str, dtype: str) -> Any:
+    """Nested JSON lists as a numeric array (numpy parses them in C); strings, booleans, nulls and ragged
+    lists are refused."""
     import numpy as np
 
+    try:
+        array = np.array(data)
+    except (ValueError, TypeError) as e:
+        raise BadRequest(f"{what} is not a regular array (ragged nested lists): {e}") from None
+    if array.dtype == object or array.dtype.kind not in "fiu":
+        raise BadRequest(f"{what} must hold numbers of dtype {dtype}; got {_kind(array)}")
+    return array
+
+
+def from_json_list(data: Any, signature: Signature) -> Any:
+    """A batch from nested JSON lists (the JSON predict route), checked against ``signature``."""
     if not isinstance(data, list):
         raise BadRequest(f"'inputs' must be a list of examples (nested lists of numbers); got {type(data).__name__}")
-    if _has_non_number(data):
-        raise BadRequest(f"inputs must be numbers of dtype {signature.dtype}; found a value that is not a number")
-    try:
-        array = np.array(data, dtype=np.float64)
-    except (ValueError, TypeError) as e:
-        raise BadRequest(f"inputs are not a regular array (ragged nested lists): {e}") from None
-    return signature.check(array)
-
-
-def _has_non_number(data: Any) -> bool:
-    """True when a leaf of the nested lists is not an int or float (bools and strings are refused)."""
-    stack = [data]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, bool) or not isinstance(item, (int, float)):
-            return True
-    return False
+    return signature.check(_numbers(data, "'inputs'", signature.dtype))
 
 
 def from_tensor(shape: Any, datatype: Any, data: Any, raw: bytes | None, signature: Signature) -> Any:
@@ -154,12 +148,7 @@ def from_tensor(shape: Any, datatype: Any, data: Any, raw: bytes | None, signatu
     else:
         if not isinstance(data, list):
             raise BadRequest("'data' must be a list of numbers (or use the binary extension)")
-        if _has_non_number(data):
-            raise BadRequest(f"'data' must hold numbers of datatype {datatype}; found a value that is not a number")
-        try:
-            flat = np.array(data, dtype=np.float64).reshape(-1)
-        except (ValueError, TypeError) as e:
-            raise BadRequest(f"'data' is not a regular array: {e}") from None
+        flat = _numbers(data, "'data'", datatype).reshape(-1)
         if flat.size != count:
             raise BadRequest(f"'data' holds {flat.size} values; shape {shape} needs {count}")
         array = flat.reshape(shape)
