@@ -9,17 +9,14 @@ Call them as ``module.apply({"params": p}, x, train=..., rngs={"dropout": key})`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-Init = Callable[..., Any]
 
-
-def _torch_like(fan_in: int) -> dict[str, Init]:
+def _torch_like(fan_in: int) -> dict[str, Any]:
     """Initialisers of a layer with ``fan_in`` inputs per output, as torch's Linear and Conv2d have."""
     bound = 1.0 / math.sqrt(fan_in)
 

@@ -44,15 +44,19 @@ def determinism_flags(deterministic: bool) -> dict[str, object]:
         "deterministic": deterministic,
         "jax.random": "explicit keys: trial seed for the initial parameters, epoch seed folded with the step "
                       "for dropout and augmentation",
-        "jax_default_prng_impl": str(jax.config.jax_default_prng_impl),
-        "jax_threefry_partitionable": bool(jax.config.jax_threefry_partitionable),
-        "jax_enable_x64": bool(jax.config.jax_enable_x64),
+        **{flag: _config(flag) for flag in ("jax_default_prng_impl", "jax_threefry_partitionable",
+                                            "jax_enable_x64")},
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
         "jax.backend": jax.default_backend(),
         "jax.version": jax.__version__,
         "flax.version": flax.__version__,
         "optax.version": optax.__version__,
     }
+
+
+def _config(flag: str) -> object:
+    value = getattr(jax.config, flag)
+    return value if isinstance(value, (bool, int, float)) else str(value)
 
 
 def build_flax_model(ctx: TrialContext) -> nn.Module:
@@ -153,7 +157,7 @@ def eval_step(model: nn.Module) -> Any:
     """Summed loss and correct predictions over the rows of ``x`` that ``mask`` marks."""
 
     def step(params: Any, x: Any, y: Any, mask: Any) -> Any:
-        logits = model.apply({"params": params}, x, train=False)
+        logits: Any = model.apply({"params": params}, x, train=False)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         return (losses * mask).sum(), ((logits.argmax(axis=1) == y) * mask).sum()
 
@@ -263,8 +267,9 @@ class JaxTrial:
     def save(self, folder: Path) -> None:
         """Write parameters, optimiser state and trial info into ``folder``."""
         params, opt = flatten(self.params), flatten(self.opt_state)
-        np.savez(folder / PARAMS_FILE, **{f"v{i:03d}": a for i, (_, a) in enumerate(params)})
-        np.savez(folder / OPTIMIZER_FILE, **{f"v{i:03d}": a for i, (_, a) in enumerate(opt)})
+        for name, leaves in ((PARAMS_FILE, params), (OPTIMIZER_FILE, opt)):
+            arrays: dict[str, Any] = {f"v{i:03d}": a for i, (_, a) in enumerate(leaves)}
+            np.savez(folder / name, **arrays)
         info = {"trial_id": self.ctx.trial_id, "epoch": self.epoch, "jax": jax.__version__,
                 "params": [[p, list(a.shape)] for p, a in params], "optimizer": [[p, list(a.shape)] for p, a in opt]}
         (folder / INFO_FILE).write_text(json.dumps(info, sort_keys=True))

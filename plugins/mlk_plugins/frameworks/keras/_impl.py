@@ -232,8 +232,8 @@ class KerasTrial:
         """Write model and optimiser variables and trial info into ``folder``."""
         assert self.model is not None and self.optimizer is not None
         model_vars, opt_vars = list(self.model.weights), _optimizer_variables(self.optimizer)
-        np.savez(folder / MODEL_FILE, **_numbered(model_vars))
-        np.savez(folder / OPTIMIZER_FILE, **_numbered(opt_vars))
+        for name, variables in ((MODEL_FILE, model_vars), (OPTIMIZER_FILE, opt_vars)):
+            np.savez(folder / name, **_numbered(variables))
         info = {"trial_id": self.ctx.trial_id, "epoch": self.epoch, "keras": keras.__version__,
                 "model": _describe(model_vars), "optimizer": _describe(opt_vars)}
         (folder / INFO_FILE).write_text(json.dumps(info, sort_keys=True))
@@ -266,7 +266,7 @@ def load_model_weights(model: keras.Model, folder: Path, trial_id: int) -> None:
 
 
 def _seed_generators(model: keras.Model) -> list[Any]:
-    found = []
+    found: list[Any] = []
     for layer in model._flatten_layers(include_self=False):
         found.extend(getattr(layer, "_seed_generators", []))
     return found
@@ -277,7 +277,7 @@ def _optimizer_variables(optimizer: keras.optimizers.Optimizer) -> list[Any]:
     return [v for v in optimizer.variables if v is not rate]
 
 
-def _numbered(variables: list[Any]) -> dict[str, np.ndarray]:
+def _numbered(variables: list[Any]) -> dict[str, Any]:
     return {f"v{i:03d}": np.asarray(v.numpy()) for i, v in enumerate(variables)}
 
 

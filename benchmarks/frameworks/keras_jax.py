@@ -1,0 +1,234 @@
+"""Epoch time of the keras and jax frameworks through mlk against each framework's idiomatic loop.
+
+For each framework and model (the digits MLP on sklearn's digits; the CIFAR CNN on a small real
+image set in CIFAR-10's format, made from the digits by :mod:`benchmarks.frameworks.cifar_format`)
+it trains the same model, data, batch size and optimiser for ``EPOCHS`` epochs:
+
+- **mlk**: a trial through ``mlk.trial.run_trial`` (the framework plugin's loop: reporting to the
+  run store and a checkpoint through the storage plugin after every epoch);
+- **idiomatic**: ``model.fit(x, y, validation_data=...)`` with numpy arrays (keras), or a plain
+  loop over a ``jax.jit`` train step fed host batches, evaluating on val each epoch (jax).
+
+An epoch's time is the gap between consecutive epoch ends (so the first epoch, which compiles,
+is left out); each measurement is the median over epochs 2..E, and the runs are interleaved
+(mlk, idiomatic, mlk, ...) ``REPEATS`` times, reporting the median. One thread for both sides.
+Run: ``python -m benchmarks.frameworks.keras_jax`` (``--quick`` for a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results_keras_jax.json"
+THREADS = 1
+GOAL = 1.05
+EPOCHS = {"digits_mlp": 8, "cifar_cnn": 4}
+REPEATS = 3
+BATCH = 32
+LR = 1e-3
+
+
+def configure() -> None:
+    """One thread for TensorFlow and XLA, before either starts."""
+    from mlk_plugins.frameworks.jax._env import configure_threads
+
+    configure_threads(THREADS)
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(THREADS)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+
+
+def sections(framework: str, model: str, data: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "framework": {"name": framework, "optimizer": "adam", "lr": LR, "batch_size": BATCH},
+        "data": data,
+        "model": {"name": model, **({"dropout": 0.1} if model == "digits_mlp" else {})},
+        "searcher": {"name": "single", "metric": "val_loss", "max_resource": 100},
+    }
+
+
+def epoch_seconds(ends: list[float]) -> float:
+    """The median gap between consecutive epoch ends."""
+    return statistics.median(b - a for a, b in itertools.pairwise(ends))
+
+
+# -- mlk ------------------------------------------------------------------------------------------
+
+
+def through_mlk(framework: str, model: str, data: dict[str, Any], epochs: int) -> dict[str, Any]:
+    from mlk.store import RunStore
+    from mlk.testing import build_spec
+    from mlk.trial import TrialTask, run_trial
+
+    with tempfile.TemporaryDirectory(prefix="mlk-bench-fw-") as tmp:
+        home = Path(tmp)
+        spec = build_spec({**sections(framework, model, data), "reproducibility": {"deterministic": True}}, home)
+        store = RunStore(home)
+        store.create_run("bench", "bench", spec.hash, spec.data)
+        store.upsert_trial("bench", 1, {}, 0, "running", epochs)
+        task = TrialTask(run_id="bench", trial_id=1, hparams={}, seed=0, target=epochs, spec=spec.data,
+                         home=str(home), threads=THREADS)
+        result = run_trial(task)
+        if result.error:
+            raise RuntimeError(result.error)
+        ends = [r["time"] for r in store.db.execute(
+            "SELECT time FROM metrics WHERE run_id = 'bench' ORDER BY resource").fetchall()]
+        store.close()
+    return {"epoch_s": epoch_seconds(ends), "val_accuracy": result.metrics["val_accuracy"]}
+
+
+# -- the frameworks' own loops --------------------------------------------------------------------
+
+
+def load(data: dict[str, Any]) -> Any:
+    from mlk.registry import registry
+    from mlk.trial import load_dataset
+
+    return load_dataset(registry(), data)
+
+
+def build(framework: str, model: str, meta: dict[str, Any]) -> Any:
+    from mlk.registry import registry
+    from mlk.trial import build_model
+
+    return build_model(registry(), sections(framework, model, {})["model"], framework, meta)
+
+
+def keras_fit(model: str, data: dict[str, Any], epochs: int) -> dict[str, Any]:
+    import keras
+
+    splits = load(data)
+    keras.utils.set_random_seed(0)
+    net = build("keras", model, splits.meta)
+    net.compile(optimizer=keras.optimizers.Adam(LR),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    ends: list[float] = []
+    stamp = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: ends.append(time.time()))
+    history = net.fit(*splits.train, batch_size=BATCH, epochs=epochs, validation_data=splits.val,
+                      validation_batch_size=512, shuffle=True, callbacks=[stamp], verbose=0)
+    return {"epoch_s": epoch_seconds(ends), "val_accuracy": float(history.history["val_accuracy"][-1])}
+
+
+def jax_loop(model: str, data: dict[str, Any], epochs: int) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    splits = load(data)
+    net = build("jax", model, splits.meta)
+    x, y = splits.train
+    xv, yv = splits.val
+    params = net.init(jax.random.key(0), jnp.zeros((1, *x.shape[1:])), train=False)["params"]
+    tx = optax.adam(LR)
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def train_step(params: Any, opt_state: Any, xb: Any, yb: Any, key: Any) -> Any:
+        def loss_fn(p: Any) -> Any:
+            logits = net.apply({"params": p}, xb, train=True, rngs={"dropout": key})
+            return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    @jax.jit
+    def correct(params: Any, xb: Any, yb: Any) -> Any:
+        return (net.apply({"params": params}, xb, train=False).argmax(1) == yb).sum()
+
+    rng = np.random.default_rng(0)
+    key = jax.random.key(0)
+    ends, accuracy = [], 0.0
+    for _ in range(epochs):
+        order = rng.permutation(len(y))
+        for start in range(0, len(y), BATCH):
+            idx = order[start:start + BATCH]
+            key, sub = jax.random.split(key)
+            params, opt_state, _ = train_step(params, opt_state, x[idx], y[idx], sub)
+        accuracy = sum(int(correct(params, xv[i:i + 512], yv[i:i + 512])) for i in range(0, len(yv), 512)) / len(yv)
+        ends.append(time.time())
+    return {"epoch_s": epoch_seconds(ends), "val_accuracy": accuracy}
+
+
+IDIOMATIC = {"keras": ("model.fit", keras_fit), "jax": ("plain jax.jit loop", jax_loop)}
+
+
+# -- the benchmark ----------------------------------------------------------------------------------
+
+
+def cases(root: Path, quick: bool) -> list[tuple[str, str, dict[str, Any], int]]:
+    from benchmarks.frameworks.cifar_format import write_archive
+
+    archive = write_archive(root / "cifar" / "cifar-10-python.tar.gz", per_batch=100 if quick else 250)
+    cifar = {"name": "cifar10", "path": str(archive.parent)}
+    out = []
+    for framework in ("keras", "jax"):
+        out.append((framework, "digits_mlp", {"name": "digits"}, 3 if quick else EPOCHS["digits_mlp"]))
+        out.append((framework, "cifar_cnn", cifar, 3 if quick else EPOCHS["cifar_cnn"]))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one repeat, three epochs, a smaller image set")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON results")
+    args = parser.parse_args(argv)
+    configure()
+    repeats = 1 if args.quick else REPEATS
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mlk-bench-data-") as tmp:
+        for framework, model, data, epochs in cases(Path(tmp), args.quick):
+            label, idiomatic = IDIOMATIC[framework]
+            runs: dict[str, list[dict[str, Any]]] = {"mlk": [], "idiomatic": []}
+            for _ in range(repeats):  # interleaved, so a busy spell on the machine hits both
+                runs["mlk"].append(through_mlk(framework, model, data, epochs))
+                runs["idiomatic"].append(idiomatic(model, data, epochs))
+            mlk_s = statistics.median(r["epoch_s"] for r in runs["mlk"])
+            own_s = statistics.median(r["epoch_s"] for r in runs["idiomatic"])
+            row = {"framework": framework, "model": model, "dataset": data["name"], "idiomatic": label,
+                   "epochs": epochs, "repeats": repeats, "batch_size": BATCH, "threads": THREADS,
+                   "mlk_epoch_s": mlk_s, "idiomatic_epoch_s": own_s, "ratio": mlk_s / own_s,
+                   "goal": GOAL, "met": mlk_s / own_s <= GOAL, "runs": runs}
+            rows.append(row)
+            print(f"{framework:5s} {model:10s} mlk {mlk_s * 1000:8.1f} ms/epoch   {label} {own_s * 1000:8.1f} "
+                  f"ms/epoch   ratio {mlk_s / own_s:.3f}", flush=True)
+    result = {
+        "command": "python -m benchmarks.frameworks.keras_jax" + (" --quick" if args.quick else ""),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+        "versions": _versions(),
+        "rows": rows,
+    }
+    args.out.write_text(json.dumps(result, indent=1, sort_keys=True))
+    return 0
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for dist in ("tensorflow-cpu", "keras", "jax", "jaxlib", "flax", "optax"):
+        try:
+            found[dist] = version(dist)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+if __name__ == "__main__":
+    sys.exit(main())
