@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -311,3 +312,35 @@ def test_mlk_deploy_on_a_finished_run_reuses_its_search(workdir: Path) -> None:
     for node in ("search", "compile/onnx", "validate/onnx", "deploy/jetson"):
         assert f"{node}: reused from run {run_id}" in rerun.stderr
     assert [v.version for v in Registry().versions("dt")] == [1]
+    # `mlk serve RUN`: the run has no server deployment yet, so it is deployed to `server`, then served
+    pytest.importorskip("bentoml")
+    import os
+    import sys
+    import urllib.request
+
+    from benchmarks.serve.deployed import ServerProcess, free_port
+
+    port = free_port()
+    server = ServerProcess([sys.executable, "-m", "mlk", "serve", run_id, "--port", str(port)],
+                           {**os.environ, "PYTHONPATH": str(ROOT)}, port, workdir / "serve.log")
+    try:
+        server.start(timeout=600)
+        _, _, splits = _digits()
+        request = urllib.request.Request(server.url + "/predict", method="POST",
+                                         data=json.dumps({"inputs": splits.test[0][:5].tolist()}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            body = json.loads(reply.read())
+    finally:
+        left = server.stop()
+    assert left == [], f"server processes left running: {left}"
+    assert body["model"] == "dt-server" and body["version"] == "1" and len(body["predictions"]) == 5
+    assert "deploy/server: model dt-server version 1 (production)" in server.log()
+    versions = Registry().by_run(run_id)
+    assert sorted((v.name, v.target) for v in versions) == [("dt", "jetson"), ("dt-server", "server")]
+
+
+def _digits() -> tuple[None, None, Any]:
+    from mlk_plugins.datasets.digits import DigitsDataset
+
+    return None, None, DigitsDataset(DigitsDataset.Config(name="digits")).load()
