@@ -230,7 +230,7 @@ class RunStore:
             "SELECT * FROM runs WHERE spec_hash = ? AND status IN ('running', 'interrupted')"
             " AND reproduces IS NULL ORDER BY created DESC", (spec_hash,)).fetchall()
         for row in rows:
-            if row["status"] == "running" and row["host"] == os.uname().nodename and _pid_alive(row["pid"]):
+            if row["status"] == "running" and row["host"] == os.uname().nodename and pid_alive(row["pid"]):
                 continue
             return self._run_row(row)
         return None
@@ -407,7 +407,8 @@ class RunStore:
                 for r in self.db.execute("SELECT * FROM events WHERE run_id = ? ORDER BY id", (run_id,))]
 
 
-def _pid_alive(pid: int | None) -> bool:
+def pid_alive(pid: int | None) -> bool:
+    """Whether process ``pid`` exists on this machine."""
     if not pid:
         return False
     try:

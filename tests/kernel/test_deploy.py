@@ -185,6 +185,44 @@ def test_bad_deploy_entries_are_user_errors(workdir: Path, extra: str, message: 
     assert "Traceback" not in proc.stderr
 
 
+def test_each_format_gets_its_latest_validated_artifact() -> None:
+    from types import SimpleNamespace
+
+    from mlk.graph import Node
+    from mlk.stages.deploy import _choose
+    from mlk.target import Target
+
+    class Phone(Target):
+        """Takes onnx, torch and coreml; coreml even unvalidated."""
+
+        name = "phone"
+        accepts = ("coreml", "onnx", "torch")
+        accepts_unvalidated = ("coreml",)
+
+    recorded = {"validate/late": {"status": "failed", "error": "missed max_metric_drop", "outputs": {"accuracy": 0.1}},
+                "validate/ios": {"status": "unavailable", "error": "needs macOS", "outputs": None}}
+    report = {"accuracy": 0.9, "reference_accuracy": 0.91, "accuracy_drop": 0.01, "max_output_diff": 1e-6,
+              "top1_agreement": 0.99}
+    ctx = SimpleNamespace(run_id="r", store=SimpleNamespace(node=lambda run, node_id: recorded.get(node_id)),
+                          outputs={"export": {}, "compile/early": {}, "validate/early": report, "compile/late": {},
+                                   "compile/ios": {}})
+    candidates = [{"artifact": "export", "validate": None, "format": "torch"},
+                  {"artifact": "compile/early", "validate": "validate/early", "format": "onnx"},
+                  {"artifact": "compile/late", "validate": "validate/late", "format": "onnx"},
+                  {"artifact": "compile/ios", "validate": "validate/ios", "format": "coreml"}]
+    node = Node(id="deploy/phone", kind="deploy", run="x:y", config={"candidates": candidates})
+    chosen, validation, left_out = _choose(node, ctx, Phone)
+    assert list(chosen) == ["coreml", "onnx", "torch"]  # the target's order
+    assert chosen["onnx"][0]["artifact"] == "compile/early" and chosen["onnx"][1]["status"] == "passed"
+    assert chosen["coreml"][1] == {"status": "not validated", "node": "validate/ios", "reason": "needs macOS"}
+    assert chosen["torch"][1]["status"] == "reference"
+    assert validation == {"compile/early": report, "compile/late": {"accuracy": 0.1}}
+    assert left_out == [("validate/ios", "unavailable", "needs macOS"),
+                        ("validate/late", "failed", "missed max_metric_drop")]
+    Phone.accepts_unvalidated = ()
+    assert "coreml" not in _choose(node, ctx, Phone)[0]
+
+
 # -- optional inputs in the runner ----------------------------------------------------------------------
 
 OPTIONAL_NODES = '''

@@ -11,13 +11,14 @@ here is left out rather than blocking the deployment of the others.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from mlk.compiler import Unavailable
-from mlk.errors import UserError
+from mlk.errors import PluginError, UserError
 from mlk.graph import Node
 from mlk.stages.artifacts import best_trial_context, fetch_artifact, store_artifact
 from mlk.stages.compile import EXPORT, Step, chain_to, plan_steps
@@ -89,13 +90,13 @@ def run(node: Node, ctx: Any) -> dict[str, Any]:
     target: Target = cls(cls.Config.model_validate(cfg))
     work = Path(tempfile.mkdtemp(prefix="mlk-deploy-"))
     try:
-        chosen, validation, problems = _choose(node, ctx, cls)
+        chosen, validation, left_out = _choose(node, ctx, cls)
         if not chosen:
-            detail = "; ".join(problems) or "the run made none"
+            detail = "; ".join(f"{val} {status}" + (f" ({error})" if error else "") for val, status, error in left_out)
             message = (f"no artifact in a format {cls.name} accepts ({', '.join(cls.accepts)}) passed validation: "
-                       f"{detail}")
-            if any("failed" in p for p in problems):
-                raise GateFailed(node.id, [message], {"candidates": problems})
+                       f"{detail or 'the run made none'}")
+            if any(status == "failed" for _, status, _ in left_out):
+                raise GateFailed(node.id, [message], {"left_out": [list(x) for x in left_out]})
             raise Unavailable(message)
         artifacts = {}
         for fmt, (candidate, facts) in chosen.items():
@@ -107,7 +108,8 @@ def run(node: Node, ctx: Any) -> dict[str, Any]:
         out.mkdir()
         bundle = target.build(artifacts, out, inputs)
         if bundle.format != f"bundle.{cls.name}":
-            raise TypeError(f"target {cls.name} returned a bundle of format '{bundle.format}', not 'bundle.{cls.name}'")
+            raise PluginError("targets", cls.name, cls.distribution,
+                              f"build returned a bundle of format '{bundle.format}', not 'bundle.{cls.name}'")
         try:
             check = target.check(bundle, inputs)
         except BundleRefused as e:
@@ -136,13 +138,14 @@ def run(node: Node, ctx: Any) -> dict[str, Any]:
             "bundle": str(version.bundle), "promoted": promoted, "check": check, "artifacts": used}
 
 
-def _choose(node: Node, ctx: Any, cls: type[Target]) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+def _choose(node: Node, ctx: Any,
+            cls: type[Target]) -> tuple[dict[str, Any], dict[str, Any], list[tuple[str, str, str]]]:
     """For each accepted format, the latest artifact whose validation passed (or, for formats the
-    target takes unvalidated, that could not be validated here); the validation reports; and what
-    kept each other candidate out."""
+    target takes unvalidated, that could not be validated here); the validation reports; and the
+    validate nodes of the candidates left out, with their status and error."""
     chosen: dict[str, Any] = {}
     validation: dict[str, Any] = {}
-    problems: list[str] = []
+    left_out: list[tuple[str, str, str]] = []
     for candidate in reversed(node.config["candidates"]):
         fmt, art, val = candidate["format"], candidate["artifact"], candidate["validate"]
         if val is None:
@@ -161,11 +164,11 @@ def _choose(node: Node, ctx: Any, cls: type[Target]) -> tuple[dict[str, Any], di
         status = row.get("status", "not run")
         if row.get("outputs"):
             validation[art] = row["outputs"]
-        problems.append(f"{val} {status}" + (f" ({row['error']})" if row.get("error") else ""))
+        left_out.append((val, status, row.get("error") or ""))
         if status == "unavailable" and fmt in cls.accepts_unvalidated and art in ctx.outputs and fmt not in chosen:
             chosen[fmt] = (candidate, {"status": "not validated", "node": val, "reason": row.get("error", "")})
     ordered = {fmt: chosen[fmt] for fmt in cls.accepts if fmt in chosen}
-    return ordered, validation, problems
+    return ordered, validation, left_out
 
 
 def _inputs(node: Node, ctx: Any, validation: dict[str, Any], work: Path) -> DeployInputs:
@@ -216,10 +219,13 @@ def deploy_run(run_ref: str, target: str, model: str | None, quiet: bool = False
     from mlk.registry import registry
     from mlk.runner import execute
     from mlk.spec import recorded_spec_path, validate_spec
-    from mlk.store import RunStore
+    from mlk.store import RunStore, pid_alive
 
     store = RunStore()
     run = store.run(run_ref)
+    if run["status"] == "running" and run["host"] == os.uname().nodename and pid_alive(run["pid"]):
+        raise UserError(f"run {run['id']} is still running (driver PID {run['pid']}); deploy it when it has finished",
+                        where="mlk deploy")
     select = store.node(run["id"], "select")
     if select is None or select["status"] != "done":
         raise UserError(f"run {run['id']} has not finished its search (status {run['status']}), so it has no model "
