@@ -196,7 +196,9 @@ def run_distributed(task: TrialTask, world_size: int,
         forwarded = False
         while True:
             codes = [p.poll() for p in ranks.procs]
-            failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+            # A rank killed by a signal is the cause; its peers' errors ("connection closed") follow.
+            failed = sorted((r for r, c in enumerate(codes) if c not in (None, 0)),
+                            key=lambda r: (int(codes[r] or 0) >= 0, r))
             if failed:
                 ranks.kill_all()
                 return _failure(task, ranks, failed[0], codes[failed[0]] or 0, world_size, started)

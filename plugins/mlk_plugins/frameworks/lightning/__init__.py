@@ -45,6 +45,8 @@ class LightningFramework(Framework):
     export_format = "torch"
     #: Lightning's DDP strategy over the kernel's rank processes.
     max_slots = 64
+    #: Imported once in the local backend's fork server (they start no threads at import).
+    preload = ("torch", "safetensors.torch", "pytorch_lightning", "mlk_plugins.frameworks.lightning._impl")
     config: LightningConfig
 
     def train(self, ctx: TrialContext) -> None:
