@@ -184,3 +184,53 @@ def test_two_processes_with_one_seed_report_identical_metrics(tmp_path: Path) ->
         assert done.returncode == 0, done.stderr[-2000:]
         outputs.append(json.loads(done.stdout.strip().splitlines()[-1]))
     assert len(outputs[0]) == 2 and outputs[0] == outputs[1]
+
+
+# -- data parallel: resources.slots_per_trial ------------------------------------------------------------
+
+#: Relative difference allowed between two ranks and one process on the same global batch: only the
+#: order of floating-point sums differs (XLA's all-reduce against one device's reduction).
+TOLERANCE = 1e-4
+
+
+def run_slots(home: Path, run_id: str, slots: int) -> tuple[Any, Any]:
+    """Two epochs of the digits MLP (dropout on) with a global batch of 32 on ``slots`` rank processes."""
+    from mlk.store import RunStore
+    from mlk.testing import build_spec
+    from mlk.trial import run_trial
+
+    spec = build_spec({
+        "framework": {"name": "jax", "optimizer": "adam", "lr": 0.01, "batch_size": 32},
+        "data": {"name": "digits", "subset": 400},
+        "model": {"name": "digits_mlp", "hidden": 24, "dropout": 0.2},
+        "searcher": {"name": "single", "metric": "val_loss", "max_resource": 4},
+        "resources": {"slots_per_trial": slots},
+        "reproducibility": {"deterministic": True},
+    }, home)
+    store = RunStore(home)
+    store.create_run(run_id, "ddp", spec.hash, spec.data)
+    store.upsert_trial(run_id, 1, {}, 4321, "running", 2)
+    task = TrialTask(run_id=run_id, trial_id=1, hparams={}, seed=4321, target=2, spec=spec.data, home=str(home),
+                     threads=1)
+    return run_trial(task), store
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_process_on_the_same_global_batch(tmp_path: Path) -> None:
+    one, store = run_slots(tmp_path, "one", slots=1)
+    two, store = run_slots(tmp_path, "two", slots=2)
+    assert one.error is None and two.error is None, (one.error, two.error)
+    single = {m["resource"]: m["metrics"] for m in store.metrics("one", 1)}
+    ranks = {m["resource"]: m["metrics"] for m in store.metrics("two", 1)}
+    assert sorted(single) == sorted(ranks) == [1, 2]  # rank 0 alone recorded, once per epoch
+    for epoch in (1, 2):
+        for key, value in single[epoch].items():
+            assert ranks[epoch][key] == pytest.approx(value, rel=TOLERANCE), (epoch, key)
+    assert ranks[2]["val_accuracy"] > 0.5  # it learned (chance: 0.1)
+    weights = []
+    for run_id in ("one", "two"):
+        folder = Path(store.checkpoints(run_id, 1)[-1]["uri"].removeprefix("file://"))
+        with np.load(folder / "params.npz", allow_pickle=False) as params:
+            weights.append({k: params[k] for k in params.files})
+    for name, value in weights[0].items():
+        np.testing.assert_allclose(weights[1][name], value, rtol=TOLERANCE, atol=1e-6)

@@ -134,9 +134,9 @@ class KerasTflite(NativeTflite):
 
         tf = _import_tensorflow()
         model = load_keras(source)
-        with contextlib.redirect_stdout(io.StringIO()):  # Keras lists the endpoint it traced
+        with contextlib.redirect_stdout(io.StringIO()):  # Keras lists the endpoint it traces for the converter
             converter = tf.lite.TFLiteConverter.from_keras_model(model)
-        return tflite_artifact(self, source, out, inputs, converter, "keras")
+            return tflite_artifact(self, source, out, inputs, converter, "keras")
 
 
 def function_converter(function: Any, folder: Path) -> Any:

@@ -45,6 +45,10 @@ class JaxFramework(Framework):
     ``val_loss`` and ``val_accuracy`` and checkpoints parameters and optimiser state as ``.npz``
     + JSON through ``ctx.save_checkpoint`` (no pickle).
 
+    With ``resources.slots_per_trial: N`` the trial runs on N processes joined by
+    ``jax.distributed``: parameters replicated, each global batch split in N shards, gradients
+    all-reduced by XLA (see :mod:`mlk_plugins.frameworks.jax._distributed`).
+
     Exports a ``jax`` artifact (parameters + how to rebuild the module); the ``jax_tflite``
     compiler turns it into TFLite through jax2tf, ``jax_onnx`` into ONNX.
     """
@@ -54,6 +58,8 @@ class JaxFramework(Framework):
     requires = ("jax", "flax", "optax", "numpy")
     extra = "jax"
     export_format = "jax"
+    #: ``resources.slots_per_trial`` up to this many rank processes (``jax.distributed``, gloo on CPU).
+    max_slots = 64
     config: JaxConfig
 
     def train(self, ctx: TrialContext) -> None:

@@ -190,12 +190,24 @@ class JaxTrial:
         self.params: Any = None
         self.opt_state: Any = None
         self.epoch = 0
+        self.parallel: Any = None
         self._arrays: dict[str, tuple[Any, Any]] = {}
+        self._train: tuple[Any, Any] | None = None
 
     # -- set-up -------------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        """Data, model, parameters (from the trial's seed), optimiser and the jitted steps."""
+        """Data, model, parameters (from the trial's seed), optimiser and the jitted steps; with
+        ``ctx.distributed``, this rank joins the trial's others first."""
+        place = self.ctx.distributed
+        if place is not None and place.world_size > 1:
+            if self.config.batch_size % place.world_size:
+                raise UserError(f"framework.batch_size {self.config.batch_size} does not split evenly over "
+                                f"{place.world_size} ranks", where="framework.batch_size",
+                                hint="use a multiple of resources.slots_per_trial")
+            from mlk_plugins.frameworks.jax._distributed import DataParallel
+
+            self.parallel = DataParallel(place)
         self.data = self.ctx.load_data()
         self.meta = dict(self.data.meta)
         self.model = build_flax_model(self.ctx)
@@ -224,16 +236,26 @@ class JaxTrial:
         """One epoch shuffled by ``ctx.epoch_seed(epoch)``; returns the mean training loss."""
         self.epoch = epoch
         seed = self.ctx.epoch_seed(epoch)
-        inputs, targets = self.arrays("train")
+        inputs, targets = self._train or self.arrays("train")
         n = int(targets.shape[0])
         order = np.random.default_rng(seed).permutation(n).astype(np.int32)
         key = jax.random.key(seed)
         total = jnp.zeros((), jnp.float32)
         for step, (idx, mask) in enumerate(padded_batches(order, self.config.batch_size)):
+            count = mask.sum()
+            if self.parallel is not None:
+                idx, mask = self.parallel.shard(idx), self.parallel.shard(mask)
             self.params, self.opt_state, loss = self._train_step(
                 self.params, self.opt_state, inputs, targets, idx, mask, key, step)
-            total = total + loss * mask.sum()
+            total = total + loss * count
+        if self.parallel is not None:
+            self.parallel.check_identical(self.params, "parameters")
+            total = self.parallel.local(total)
         return float(total) / n if n else float("nan")
+
+    def local_params(self) -> Any:
+        """The parameters as single-device arrays (this rank's replica when data-parallel)."""
+        return self.params if self.parallel is None else self.parallel.local(self.params)
 
     def evaluate(self, split: str) -> dict[str, float]:
         """``<split>_loss`` and ``<split>_accuracy`` of the current parameters."""
@@ -242,7 +264,7 @@ class JaxTrial:
         loss, correct = 0.0, 0
         size = min(self.config.eval_batch_size, max(n, 1))
         for idx, mask in padded_batches(np.arange(n, dtype=np.int32), size):
-            batch_loss, batch_correct = self._eval_step(self.params, x[idx], y[idx], mask)
+            batch_loss, batch_correct = self._eval_step(self.local_params(), x[idx], y[idx], mask)
             loss += float(batch_loss)
             correct += int(batch_correct)
         if not n:
@@ -254,6 +276,10 @@ class JaxTrial:
         ctx = self.ctx
         self.setup()
         start = self.restore()
+        if self.parallel is not None:  # every rank restored the same checkpoint: share it
+            self.params, self.opt_state = self.parallel.replicate((self.params, self.opt_state))
+            self._train = self.parallel.replicate(self.arrays("train"))
+        # Every rank evaluates the whole val split on its replica; only rank 0's reports are recorded.
         for epoch in range(start + 1, ctx.target + 1):
             metrics = {"train_loss": self.train_epoch(epoch), **self.evaluate("val")}
             ctx.report(epoch, metrics)
@@ -261,12 +287,15 @@ class JaxTrial:
                 self.save(folder)
             if ctx.should_stop():
                 break
+        if self.parallel is not None:
+            self.parallel.shutdown()
 
     # -- checkpoints ------------------------------------------------------------------------------
 
     def save(self, folder: Path) -> None:
         """Write parameters, optimiser state and trial info into ``folder``."""
-        params, opt = flatten(self.params), flatten(self.opt_state)
+        params, opt = flatten(self.local_params()), flatten(
+            self.opt_state if self.parallel is None else self.parallel.local(self.opt_state))
         for name, leaves in ((PARAMS_FILE, params), (OPTIMIZER_FILE, opt)):
             arrays: dict[str, Any] = {f"v{i:03d}": a for i, (_, a) in enumerate(leaves)}
             np.savez(folder / name, **arrays)
