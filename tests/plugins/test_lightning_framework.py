@@ -42,6 +42,8 @@ class TestLightningContract(FrameworkContract):
     plugin = "lightning"
     sections = DIGITS
     hparams = {"lr": 0.005, "hidden": 24}
+    distributed_tolerance = 1e-5
+    distributed_sections = {"model": {"name": "digits_mlp", "hidden": "${hp.hidden}", "dropout": 0.0}}
 
 
 # -- a user's own LightningModule (model._target_) --------------------------------------------------------

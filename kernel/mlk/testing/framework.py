@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, ClassVar
+
+import pytest
 
 from mlk.framework import Framework
 from mlk.registry import registry
@@ -14,14 +17,26 @@ from mlk.trial import TrialTask, run_trial
 
 class FrameworkContract:
     """Subclass and set ``plugin`` and ``sections`` (framework, data, model, hyperparameters,
-    searcher metric) describing a small real training job that reports ``metric`` each epoch."""
+    searcher metric) describing a small real training job that reports ``metric`` each epoch.
+
+    A framework with ``max_slots > 1`` also runs the job on two rank processes
+    (``resources.slots_per_trial: 2``, marked slow); set ``distributed_tolerance`` (relative) to
+    also require its metrics to match one process's, with ``distributed_sections`` overriding
+    sections for that comparison (e.g. no dropout: ranks draw their own masks).
+    """
 
     plugin: ClassVar[str] = ""
     sections: ClassVar[dict[str, Any]] = {}
     hparams: ClassVar[dict[str, Any]] = {}
+    distributed_tolerance: ClassVar[float | None] = None
+    distributed_sections: ClassVar[dict[str, Any]] = {}
 
-    def run(self, tmp_path: Path, run_id: str, target: int, deterministic: bool = True) -> tuple[Any, RunStore]:
-        spec = build_spec({**self.sections, "reproducibility": {"deterministic": deterministic}}, tmp_path)
+    def run(self, tmp_path: Path, run_id: str, target: int, deterministic: bool = True,
+            slots: int = 1, sections: dict[str, Any] | None = None) -> tuple[Any, RunStore]:
+        raw = {**self.sections, **(sections or {}), "reproducibility": {"deterministic": deterministic}}
+        if slots > 1:
+            raw["resources"] = {**raw.get("resources", {}), "slots_per_trial": slots}
+        spec = build_spec(raw, tmp_path)
         store = RunStore(tmp_path)
         if not any(r["id"] == run_id for r in store.runs()):
             store.create_run(run_id, "contract", spec.hash, spec.data)
@@ -58,3 +73,19 @@ class FrameworkContract:
         _, store = self.run(tmp_path / "one", "x", target=2)
         _, store2 = self.run(tmp_path / "two", "x", target=2)
         assert [r["metrics"] for r in store.metrics("x", 1)] == [r["metrics"] for r in store2.metrics("x", 1)]
+
+    @pytest.mark.slow
+    def test_data_parallel_trial_records_once(self, tmp_path: Path) -> None:
+        cls = registry().get("frameworks", self.plugin, where="framework.name")
+        if cls.max_slots < 2:
+            pytest.skip(f"framework '{self.plugin}' declares max_slots = {cls.max_slots}: no data parallelism")
+        metric = self.sections["searcher"]["metric"]
+        result, store = self.run(tmp_path, "ddp", target=2, slots=2, sections=self.distributed_sections)
+        reports = store.metrics("ddp", 1)
+        assert [r["resource"] for r in reports] == [1, 2]  # rank 0 alone records
+        assert [c["resource"] for c in store.checkpoints("ddp", 1)] == [2]
+        assert result.resource == 2 and math.isfinite(reports[-1]["metrics"][metric])
+        if self.distributed_tolerance is not None:
+            self.run(tmp_path, "one", target=2, sections=self.distributed_sections)
+            for two, one in zip(reports, store.metrics("one", 1), strict=True):
+                assert two["metrics"] == pytest.approx(one["metrics"], rel=self.distributed_tolerance)

@@ -1,0 +1,314 @@
+"""Epoch time of the torch and lightning frameworks through mlk against each one's idiomatic loop,
+and data-parallel throughput on 2 workers against 1.
+
+For each framework and model (the digits MLP on sklearn's digits; the CIFAR CNN on a small real
+image set in CIFAR-10's format, made from the digits by :mod:`benchmarks.frameworks.cifar_format`)
+it trains the same model, data, batch size and optimiser for ``EPOCHS`` epochs:
+
+- **mlk**: a trial through ``mlk.trial.run_trial`` (the framework plugin's loop, reporting to the
+  run store and checkpointing through the storage plugin every epoch);
+- **idiomatic**: a plain torch loop (``randperm`` batches, ``Adam``, an eval pass per epoch), or
+  ``Trainer.fit`` on a LightningModule with DataLoaders (Lightning's default per-epoch checkpoint on).
+
+An epoch's time is the median gap between consecutive epoch ends (the first epoch, with its
+warm-up, is left out). The two sides alternate (mlk, idiomatic, mlk, ...) ``REPEATS`` times and
+the median is reported; one thread each, deterministic algorithms on both sides.
+
+Data parallel: the same mlk trial with ``resources.slots_per_trial`` 1 and 2 (one thread per
+worker, so 2 workers use both cores), alternated; throughput is training examples per second of
+epoch time; the ideal is 2x.
+
+Run: ``python -m benchmarks.frameworks.run`` (``--quick`` for a smoke run). It then runs
+:mod:`benchmarks.frameworks.keras_jax` when that module is there (``--no-keras-jax`` skips it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results.json"
+THREADS = 1
+GOAL = 1.05
+EPOCHS = {"digits_mlp": 8, "cifar_cnn": 4}
+DDP_EPOCHS = {"digits_mlp": 6, "cifar_cnn": 4}
+REPEATS = 3
+BATCH = 32
+DDP_BATCH = 64
+LR = 1e-3
+
+
+def sections(framework: str, model: str, data: dict[str, Any], batch: int = BATCH) -> dict[str, Any]:
+    return {
+        "framework": {"name": framework, "optimizer": "adam", "lr": LR, "batch_size": batch},
+        "data": data,
+        "model": {"name": model, **({"dropout": 0.1} if model == "digits_mlp" else {})},
+        "searcher": {"name": "single", "metric": "val_loss", "max_resource": 100},
+    }
+
+
+def epoch_seconds(ends: list[float]) -> float:
+    """The median gap between consecutive epoch ends."""
+    return statistics.median(b - a for a, b in itertools.pairwise(ends))
+
+
+def loadavg() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+# -- mlk ------------------------------------------------------------------------------------------------
+
+
+def through_mlk(framework: str, model: str, data: dict[str, Any], epochs: int, slots: int = 1,
+                batch: int = BATCH) -> dict[str, Any]:
+    from mlk.store import RunStore
+    from mlk.testing import build_spec
+    from mlk.trial import TrialTask, run_trial
+
+    with tempfile.TemporaryDirectory(prefix="mlk-bench-fw-") as tmp:
+        home = Path(tmp)
+        spec = build_spec({**sections(framework, model, data, batch), "resources": {"slots_per_trial": slots},
+                           "reproducibility": {"deterministic": True}}, home)
+        store = RunStore(home)
+        store.create_run("bench", "bench", spec.hash, spec.data)
+        store.upsert_trial("bench", 1, {}, 0, "running", epochs)
+        task = TrialTask(run_id="bench", trial_id=1, hparams={}, seed=0, target=epochs, spec=spec.data,
+                         home=str(home), threads=THREADS)
+        result = run_trial(task)
+        if result.error:
+            raise RuntimeError(result.error)
+        ends = [r["time"] for r in store.db.execute(
+            "SELECT time FROM metrics WHERE run_id = 'bench' ORDER BY resource").fetchall()]
+        store.close()
+    return {"epoch_s": epoch_seconds(ends), "val_accuracy": result.metrics["val_accuracy"]}
+
+
+# -- the frameworks' own loops ------------------------------------------------------------------------------
+
+
+def load(data: dict[str, Any]) -> Any:
+    from mlk.registry import registry
+    from mlk.trial import load_dataset
+
+    return load_dataset(registry(), data)
+
+
+def build(model: str, meta: dict[str, Any]) -> Any:
+    from mlk.registry import registry
+    from mlk.trial import build_model
+
+    return build_model(registry(), sections("torch", model, {})["model"], "torch", meta)
+
+
+def _tensors(split: Any) -> tuple[Any, Any]:
+    import torch
+
+    return torch.as_tensor(split[0], dtype=torch.float32), torch.as_tensor(split[1], dtype=torch.int64)
+
+
+def torch_loop(model: str, data: dict[str, Any], epochs: int) -> dict[str, Any]:
+    """The loop a PyTorch user writes: shuffle, step, evaluate."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(THREADS)
+    torch.use_deterministic_algorithms(True)
+    splits = load(data)
+    (x, y), (xv, yv) = _tensors(splits.train), _tensors(splits.val)
+    torch.manual_seed(0)
+    net = build(model, splits.meta)
+    opt = torch.optim.Adam(net.parameters(), lr=LR)
+    ends, accuracy = [], 0.0
+    for _ in range(epochs):
+        net.train()
+        for idx in torch.randperm(len(y)).split(BATCH):
+            opt.zero_grad()
+            F.cross_entropy(net(x[idx]), y[idx]).backward()
+            opt.step()
+        net.eval()
+        with torch.no_grad():
+            correct = sum(int((net(xb).argmax(1) == yb).sum()) for xb, yb in zip(xv.split(512), yv.split(512)))
+        accuracy = correct / len(yv)
+        ends.append(time.time())
+    return {"epoch_s": epoch_seconds(ends), "val_accuracy": accuracy}
+
+
+def lightning_fit(model: str, data: dict[str, Any], epochs: int) -> dict[str, Any]:
+    """``Trainer.fit`` as its documentation shows it: a LightningModule, DataLoaders, default callbacks."""
+    import logging
+    import warnings
+
+    import pytorch_lightning as pl
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    for name in ("pytorch_lightning", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    torch.set_num_threads(THREADS)
+    splits = load(data)
+    torch.manual_seed(0)
+    net = build(model, splits.meta)
+
+    class Classifier(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            x, y = batch
+            loss = F.cross_entropy(self.net(x), y)
+            self.log("train_loss", loss, on_epoch=True, on_step=False)
+            return loss
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            x, y = batch
+            self.log("val_accuracy", (self.net(x).argmax(1) == y).float().mean(), on_epoch=True)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.Adam(self.parameters(), lr=LR)
+
+    ends: list[float] = []
+    stamp = pl.callbacks.LambdaCallback(on_train_epoch_end=lambda *_: ends.append(time.time()))
+    with tempfile.TemporaryDirectory(prefix="mlk-bench-pl-") as root:
+        trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, deterministic=True, logger=False,
+                             enable_progress_bar=False, enable_model_summary=False, callbacks=[stamp],
+                             default_root_dir=root, num_sanity_val_steps=0)
+        train = DataLoader(TensorDataset(*_tensors(splits.train)), batch_size=BATCH, shuffle=True)
+        val = DataLoader(TensorDataset(*_tensors(splits.val)), batch_size=512)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(Classifier(), train, val)
+    return {"epoch_s": epoch_seconds(ends), "val_accuracy": float(trainer.callback_metrics["val_accuracy"])}
+
+
+IDIOMATIC = {"torch": ("plain torch loop", torch_loop), "lightning": ("Trainer.fit", lightning_fit)}
+
+
+# -- the benchmark -------------------------------------------------------------------------------------------
+
+
+def datasets(root: Path, quick: bool) -> dict[str, dict[str, Any]]:
+    from benchmarks.frameworks.cifar_format import write_archive
+
+    archive = write_archive(root / "cifar" / "cifar-10-python.tar.gz", per_batch=100 if quick else 250)
+    return {"digits_mlp": {"name": "digits"}, "cifar_cnn": {"name": "cifar10", "path": str(archive.parent),
+                                                            "download": False}}
+
+
+def bench_loops(data: dict[str, dict[str, Any]], quick: bool, repeats: int) -> list[dict[str, Any]]:
+    rows = []
+    for framework, model in itertools.product(("torch", "lightning"), ("digits_mlp", "cifar_cnn")):
+        epochs = 3 if quick else EPOCHS[model]
+        label, idiomatic = IDIOMATIC[framework]
+        runs: dict[str, list[dict[str, Any]]] = {"mlk": [], "idiomatic": []}
+        before = loadavg()
+        for _ in range(repeats):  # alternated, so a busy spell on the machine hits both sides
+            runs["mlk"].append(through_mlk(framework, model, data[model], epochs))
+            runs["idiomatic"].append(idiomatic(model, data[model], epochs))
+        mlk_s = statistics.median(r["epoch_s"] for r in runs["mlk"])
+        own_s = statistics.median(r["epoch_s"] for r in runs["idiomatic"])
+        rows.append({"framework": framework, "model": model, "dataset": data[model]["name"], "idiomatic": label,
+                     "epochs": epochs, "repeats": repeats, "batch_size": BATCH, "threads": THREADS,
+                     "mlk_epoch_s": mlk_s, "idiomatic_epoch_s": own_s, "ratio": mlk_s / own_s, "goal": GOAL,
+                     "met": mlk_s / own_s <= GOAL, "loadavg_before": before, "loadavg_after": loadavg(),
+                     "runs": runs})
+        print(f"{framework:9s} {model:10s} mlk {mlk_s * 1000:8.1f} ms/epoch   {label} {own_s * 1000:8.1f} "
+              f"ms/epoch   ratio {mlk_s / own_s:.3f}", flush=True)
+    return rows
+
+
+def bench_ddp(data: dict[str, dict[str, Any]], quick: bool, repeats: int) -> list[dict[str, Any]]:
+    rows = []
+    cases = [("torch", "digits_mlp"), ("torch", "cifar_cnn"), ("lightning", "cifar_cnn")]
+    for framework, model in cases[:1] if quick else cases:
+        epochs = 3 if quick else DDP_EPOCHS[model]
+        n_train = len(load(data[model]).train[1])
+        runs: dict[str, list[dict[str, Any]]] = {"1": [], "2": []}
+        before = loadavg()
+        for _ in range(repeats):
+            for slots in (1, 2):
+                runs[str(slots)].append(through_mlk(framework, model, data[model], epochs, slots, DDP_BATCH))
+        one = statistics.median(r["epoch_s"] for r in runs["1"])
+        two = statistics.median(r["epoch_s"] for r in runs["2"])
+        rows.append({"framework": framework, "model": model, "epochs": epochs, "repeats": repeats,
+                     "global_batch": DDP_BATCH, "threads_per_worker": THREADS, "train_examples": n_train,
+                     "epoch_s_1": one, "epoch_s_2": two, "examples_per_s_1": n_train / one,
+                     "examples_per_s_2": n_train / two, "speedup": one / two, "ideal": 2.0,
+                     "efficiency": one / two / 2.0, "loadavg_before": before, "loadavg_after": loadavg(),
+                     "runs": runs})
+        print(f"DDP {framework:9s} {model:10s} 1 worker {n_train / one:8.1f} ex/s   2 workers {n_train / two:8.1f} "
+              f"ex/s   speedup {one / two:.2f}x (ideal 2x)", flush=True)
+    return rows
+
+
+def table(result: dict[str, Any]) -> str:
+    """The markdown tables of RESULTS.md."""
+    lines = ["| framework | model | mlk s/epoch | idiomatic | idiomatic s/epoch | ratio | goal <= 1.05 |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["loops"]:
+        lines.append(f"| {r['framework']} | {r['model']} | {r['mlk_epoch_s']:.3f} | {r['idiomatic']} | "
+                     f"{r['idiomatic_epoch_s']:.3f} | {r['ratio']:.3f} | {'yes' if r['met'] else 'no'} |")
+    lines += ["", "| DDP | model | 1 worker ex/s | 2 workers ex/s | speedup | ideal |", "|---|---|---|---|---|---|"]
+    for r in result["ddp"]:
+        lines.append(f"| {r['framework']} | {r['model']} | {r['examples_per_s_1']:.0f} | {r['examples_per_s_2']:.0f} "
+                     f"| {r['speedup']:.2f}x | 2x |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one repeat, three epochs, a smaller image set")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON results")
+    parser.add_argument("--no-keras-jax", action="store_true", help="skip benchmarks.frameworks.keras_jax")
+    parser.add_argument("--no-ddp", action="store_true", help="skip the data-parallel throughput")
+    args = parser.parse_args(argv)
+    repeats = 1 if args.quick else REPEATS
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="mlk-bench-data-") as tmp:
+        data = datasets(Path(tmp), args.quick)
+        loops = bench_loops(data, args.quick, repeats)
+        ddp = [] if args.no_ddp else bench_ddp(data, args.quick, repeats)
+    result = {
+        "command": "python -m benchmarks.frameworks.run" + (" --quick" if args.quick else ""),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "seconds": time.time() - started,
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+        "versions": _versions(),
+        "loops": loops,
+        "ddp": ddp,
+    }
+    args.out.write_text(json.dumps(result, indent=1, sort_keys=True))
+    print(table(result))
+    if not args.no_keras_jax and importlib.util.find_spec("benchmarks.frameworks.keras_jax") is not None:
+        from benchmarks.frameworks import keras_jax
+
+        return int(keras_jax.main(["--quick"] if args.quick else []))
+    return 0
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for dist in ("torch", "pytorch-lightning"):
+        try:
+            found[dist] = version(dist)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+if __name__ == "__main__":
+    sys.exit(main())
