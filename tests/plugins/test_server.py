@@ -41,18 +41,28 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::F
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Two trained digits MLPs as ONNX Runtime artifacts, the drift reference and the data."""
+    """A digits MLP trained for 3 epochs as an ONNX Runtime artifact (``a``), the drift reference and the
+    data; ``models_b`` adds a second one."""
     root = tmp_path_factory.mktemp("server-models")
-    out: dict[str, Any] = {}
-    for key, (epochs, seed) in {"a": (3, 0), "b": (2, 1)}.items():
-        module, meta, recipe, data = deployed.model("digits_mlp", epochs=epochs, seed=seed)
-        source = deployed.torch_artifact(module, meta, recipe, root / key / "torch")
-        out[key] = deployed.ort_artifact(source, root / key)
-        out["data"], out["meta"] = data, meta
+    out: dict[str, Any] = {"root": root}
+    module, meta, recipe, data = deployed.model("digits_mlp", epochs=3, seed=0)
+    out["a"] = deployed.ort_artifact(deployed.torch_artifact(module, meta, recipe, root / "a" / "torch"), root / "a")
+    out["data"], out["meta"] = data, meta
     x = out["data"].train[0]
     out["run"] = load_runner(out["a"], 1)
     out["reference"] = reference_stats(x, out["run"](x), layout="flat")
     return out
+
+
+@pytest.fixture(scope="module")
+def models_b(models: dict[str, Any]) -> dict[str, Any]:
+    """``models`` with ``b``: another digits MLP (2 epochs, another seed), for canaries."""
+    if "b" not in models:
+        module, meta, recipe, _ = deployed.model("digits_mlp", epochs=2, seed=1)
+        root = models["root"]
+        models["b"] = deployed.ort_artifact(deployed.torch_artifact(module, meta, recipe, root / "b" / "torch"),
+                                            root / "b")
+    return models
 
 
 def _deploy(home: Path, models: dict[str, Any], key: str = "a", **kw: Any) -> Any:
@@ -328,7 +338,8 @@ def _serving(url: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_canary_split_and_rollback_under_load(lifecycle: Any, models: dict[str, Any]) -> None:
+def test_canary_split_and_rollback_under_load(lifecycle: Any, models_b: dict[str, Any]) -> None:
+    models = models_b
     x = models["data"].test[0]
     _deploy(lifecycle.home, models, "b", promote="canary", canary_percent=25.0)
     _wait_for(lambda: _serving(lifecycle.url) == ["1", "2"])
@@ -376,7 +387,8 @@ def test_canary_split_and_rollback_under_load(lifecycle: Any, models: dict[str, 
 
 
 @pytest.mark.slow
-def test_automatic_rollback_when_the_canary_is_slow(lifecycle: Any, models: dict[str, Any]) -> None:
+def test_automatic_rollback_when_the_canary_is_slow(lifecycle: Any, models_b: dict[str, Any]) -> None:
+    models = models_b
     x = models["data"].test[0]
     # a p99 bound no real request meets: the server must drop the canary by itself
     version = _deploy(lifecycle.home, models, "b", promote="canary", canary_percent=50.0,
