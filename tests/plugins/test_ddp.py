@@ -23,6 +23,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
 from safetensors.torch import load_file  # noqa: E402
+from tests.conftest import mlk  # noqa: E402
 
 from mlk.distributed import Distributed, free_ports, layout  # noqa: E402
 from mlk.store import RunStore  # noqa: E402
@@ -259,3 +260,15 @@ def test_lightning_two_ranks_match_one(tmp_path: Path) -> None:
     for epoch in (1, 2):
         for key, value in m1[epoch].items():
             assert m2[epoch][key] == pytest.approx(value, rel=TOLERANCE), (epoch, key)
+
+
+@pytest.mark.slow
+def test_one_switch_runs_a_search_data_parallel(workdir: Path) -> None:
+    proc = mlk("run", "+spec=digits_random", "resources.slots_per_trial=2", "resources.max_concurrent_trials=1",
+               "searcher.max_trials=2", "searcher.max_resource=2", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    runs = json.loads(mlk("runs", "list", "--json", cwd=workdir).stdout)
+    show = json.loads(mlk("runs", "show", runs[0]["id"], "--json", cwd=workdir).stdout)
+    assert [t["status"] for t in show["trials"]] == ["completed", "completed"]
+    assert show["summary"]["best_metrics"]["val_accuracy"] > 0.8
+    assert show["framework_flags"]["flags"]["torch.use_deterministic_algorithms"] is True
