@@ -29,6 +29,7 @@ from benchmarks.serve import deployed
 from mlk.deployments import Registry
 from mlk.drift import reference_stats
 from mlk.errors import MlkError
+from mlk.testing.target import TargetContract
 from mlk_plugins.targets.server import ServerTarget
 from mlk_plugins.targets.server.bundle import Bundle, load_runner
 from mlk_plugins.targets.server.signature import BadRequest, Signature
@@ -152,6 +153,40 @@ def test_signature_refuses_what_the_model_cannot_take() -> None:
     assert parsed.batch.tolist() == [list(range(64))]
     with pytest.raises(BadRequest, match="binary_data_size"):
         parse_infer(head + raw[:-4], str(len(head)), sig)
+
+
+class TestServerTarget(TargetContract):
+    """The target conformance suite on an ONNX Runtime artifact of a trained digits MLP."""
+
+    plugin = "server"
+    config = {"bento": False}
+    serves = True
+
+    def artifacts(self, tmp_path: Path) -> tuple[dict[str, Any], Any]:
+        from mlk.target import DeployInputs
+
+        module, meta, recipe, data = deployed.model("digits_mlp", epochs=3, seed=0)
+        artifact = deployed.ort_artifact(deployed.torch_artifact(module, meta, recipe, tmp_path / "torch"), tmp_path)
+        run = load_runner(artifact, 1)
+        x, y = data.test
+        accuracy = float((run(x).argmax(1) == y).mean())
+        artifact.meta["validation"] = {"status": "passed", "accuracy": accuracy, "reference_accuracy": accuracy}
+        reference = reference_stats(data.train[0], run(data.train[0]), layout="flat")
+        return {"onnxruntime": artifact}, DeployInputs(data=data, reference=reference, labels=meta["classes"],
+                                                       threads=1, seed=0, validation={}, max_metric_drop=0.02)
+
+
+def test_check_refuses_a_bundle_that_lost_accuracy(models: dict[str, Any], tmp_path: Path) -> None:
+    from mlk.target import BundleRefused, DeployInputs
+
+    target = ServerTarget(ServerTarget.Config.model_validate({"name": "server", "bento": False}))
+    artifact = type(models["a"])(models["a"].format, models["a"].path,
+                                 {**models["a"].meta, "validation": {"reference_accuracy": 0.999}})
+    inputs = DeployInputs(data=models["data"], reference={}, labels=None, threads=1, seed=0, validation={},
+                          max_metric_drop=0.01)
+    bundle = target.build({"onnxruntime": artifact}, tmp_path, inputs)
+    with pytest.raises(BundleRefused, match=r"more than 0\.01 below"):
+        target.check(bundle, inputs)
 
 
 # -- a real server ---------------------------------------------------------------------------------------

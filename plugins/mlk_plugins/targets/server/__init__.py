@@ -114,7 +114,16 @@ class ServerTarget(Target):
         if not np.isfinite(logits).all():
             raise BundleRefused(["the bundle's model gives non-finite outputs on the held-out split"],
                                 {**report, "finite": False})
-        report.update({"examples": len(x), "accuracy": float((logits.argmax(axis=1) == y).mean())})
+        accuracy = float((logits.argmax(axis=1) == y).mean())
+        report.update({"ran": True, "split": inputs.split, "examples": len(x), "accuracy": accuracy})
+        validation = opened.artifact.meta.get("validation") or {}
+        reference = validation.get("reference_accuracy")
+        if reference is not None and inputs.max_metric_drop is not None:
+            report["reference_accuracy"] = reference
+            if reference - accuracy > inputs.max_metric_drop:
+                raise BundleRefused([f"the bundle's model answers the {inputs.split} split with accuracy "
+                                     f"{accuracy:.4f}, more than {inputs.max_metric_drop} below the trained "
+                                     f"model's {reference:.4f}"], report)
         return report
 
     def serve(self, model: str, *, home: Path, host: str, port: int, token: str | None) -> None:
