@@ -26,6 +26,7 @@ pytest.importorskip("tritonclient.http")
 
 from benchmarks.serve import deployed
 
+from mlk.compiler import Artifact
 from mlk.deployments import Registry
 from mlk.drift import reference_stats
 from mlk.errors import MlkError
@@ -174,6 +175,34 @@ class TestServerTarget(TargetContract):
         reference = reference_stats(data.train[0], run(data.train[0]), layout="flat")
         return {"onnxruntime": artifact}, DeployInputs(data=data, reference=reference, labels=meta["classes"],
                                                        threads=1, seed=0, validation={}, max_metric_drop=0.02)
+
+
+@pytest.mark.parametrize("fmt", ["torch", pytest.param("tvm", marks=pytest.mark.slow)])
+def test_other_formats_are_served_through_their_own_runner(fmt: str, models: dict[str, Any], tmp_path: Path) -> None:
+    """A bundle of the torch program (framework runner) or of a TVM library (the tvm compiler's runner)
+    answers like the ONNX Runtime one."""
+    from mlk.compiler import CompileInputs
+    from mlk.target import DeployInputs
+
+    source = Artifact.load(models["a"].path.parent / "torch")
+    if fmt == "torch":
+        artifact = source
+    else:
+        pytest.importorskip("tvm")
+        from mlk_plugins.compilers.tvm import TvmCompiler
+
+        onnx = Artifact.load(models["a"].path.parent / "onnx")
+        (tmp_path / "tvm").mkdir()
+        artifact = TvmCompiler(TvmCompiler.Config(name="tvm")).compile(
+            onnx, tmp_path / "tvm", CompileInputs(calibration=None, data=None, threads=1, seed=0))
+    target = ServerTarget(ServerTarget.Config.model_validate({"name": "server", "bento": False}))
+    inputs = DeployInputs(data=models["data"], reference={}, labels=None, threads=1, seed=0, validation={})
+    bundle = target.build({fmt: artifact}, tmp_path / "bundle", inputs)
+    assert bundle.meta["artifact_format"] == fmt
+    x = models["data"].test[0]
+    got = Bundle.open(tmp_path / "bundle").runner()(x)
+    np.testing.assert_allclose(got, models["run"](x), rtol=1e-4, atol=1e-4)
+    assert target.check(bundle, inputs)["accuracy"] > 0.8
 
 
 def test_check_refuses_a_bundle_that_lost_accuracy(models: dict[str, Any], tmp_path: Path) -> None:
