@@ -28,7 +28,7 @@ class Backend(Plugin):
         self.home = home
         #: Modules the kernel suggests importing once before trials start (the ``preload`` of the
         #: spec's framework, dataset and model plugins); set before :meth:`start`; may be ignored.
-        self.preload: tuple[str, ...] = ()
+        self.preload_modules: tuple[str, ...] = ()
 
     def describe(self) -> dict[str, Any]:
         """What this backend would do, for ``mlk graph``: a plan, nothing started."""

@@ -87,7 +87,7 @@ from tests.plugins.test_contracts import TestLocalBackend
 
 suite = TestLocalBackend()
 backend, (spec, store) = suite.setup_run(Path(sys.argv[1]), function="mlk.testing.trials:preloaded")
-backend.preload = tuple(sys.argv[2:])
+backend.preload_modules = tuple(sys.argv[2:])
 backend.start()
 try:
     backend.submit(suite.task(spec, store, 1, target=1))

@@ -57,7 +57,7 @@ class SearchLoop:
         backend_cls = reg.get("backends", self.spec.resources.backend, where="resources.backend")
         backend_cls.ensure_available()
         self.backend = backend_cls(self.spec.resources, self.store.home)
-        self.backend.preload = _preload(reg, self.spec)
+        self.backend.preload_modules = _preload(reg, self.spec)
         self.searcher.concurrency = self.backend.capacity()
         self.in_flight: dict[int, TrialRequest] = {}
         self.attempts: dict[int, int] = {}

@@ -58,7 +58,7 @@ class LocalBackend(Backend):
             ctx = mp.get_context(self.config.start_method)
             if self.config.start_method == "forkserver":
                 # the framework and dataset modules too: imported once here, not once per worker
-                ctx.set_forkserver_preload(["mlk.trial", "mlk.registry", "mlk.store", *self.preload])
+                ctx.set_forkserver_preload(["mlk.trial", "mlk.registry", "mlk.store", *self.preload_modules])
             self.pool = ProcessPoolExecutor(max_workers=self.config.max_concurrent_trials, mp_context=ctx,
                                             initializer=_worker_init, initargs=(os.getpid(),))
         return self.pool
