@@ -38,6 +38,8 @@ bench: setup
 	$(BIN)/python -m benchmarks.kernel.run
 	$(BIN)/python -m benchmarks.search.run
 	$(BIN)/python -m benchmarks.compile.run
+	$(BIN)/python -m benchmarks.serve.run
+	$(BIN)/python -m benchmarks.frameworks.run
 
 clean:
 	rm -rf $(VENV) .mlk .pytest_cache .ruff_cache .mypy_cache
