@@ -249,6 +249,39 @@ def test_ranks_die_with_their_supervisor(tmp_path: Path) -> None:
     assert not any(alive(p) for p in pids)
 
 
+def test_a_stop_request_stops_every_rank_after_the_same_epoch(tmp_path: Path) -> None:
+    """SIGTERM to the supervisor (what the local backend sends at shutdown) reaches both ranks; they
+    agree on the epoch to stop after, rank 0 saves it, and the request ends without error."""
+    spy = tmp_path / "spy"
+    spy.mkdir()
+    code = ("import sys, json; from pathlib import Path; from tests.plugins.test_ddp import run; "
+            "r, _ = run(Path(sys.argv[1]), 'stopped', slots=2, target=40, trial='DigestTrial'); "
+            "print(json.dumps({'error': r.error, 'resource': r.resource}))")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, SPY_DIR: str(spy),
+           "PYTHONPATH": os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    supervisor = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "home")], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (spy / "digests-e1-0-0.json").exists():
+            assert supervisor.poll() is None, "the supervisor ended before epoch 1"
+            time.sleep(0.1)
+        supervisor.send_signal(signal.SIGTERM)
+        out, _ = supervisor.communicate(timeout=120)
+    finally:
+        supervisor.kill()
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["error"] is None and 1 <= result["resource"] < 40
+    store = RunStore(tmp_path / "home")
+    assert sorted(metrics(store, "stopped")) == list(range(1, result["resource"] + 1))
+    assert store.checkpoints("stopped", 1)[-1]["resource"] == result["resource"]
+    epochs = [max(int(p.name.split("-")[1][1:]) for p in spy.glob(f"digests-*-0-{r}.json")) for r in (0, 1)]
+    assert epochs == [result["resource"]] * 2  # both ranks stopped after the same epoch
+    pids = [json.loads((spy / f"pid-0-{r}.json").read_text()) for r in (0, 1)]
+    assert not any(alive(p) for p in pids)
+
+
 @pytest.mark.slow
 def test_lightning_two_ranks_match_one(tmp_path: Path) -> None:
     pytest.importorskip("pytorch_lightning")

@@ -278,14 +278,15 @@ class MlkCallback(pl.callbacks.Checkpoint):
                    if isinstance(v, torch.Tensor) and v.numel() == 1}
         metrics.update(getattr(pl_module, "mlk_metrics", {}))
         self.ctx.report(epoch, metrics)
-        due = getattr(self.ctx, "checkpoint_due", None)
-        if due is None or due(epoch) or epoch >= self.ctx.target:
+        stop = trainer.strategy.reduce_boolean_decision(self.ctx.should_stop(), all=False)  # every rank
+        due = getattr(self.ctx, "checkpoint_due", None)  # a checkpoint policy, where the kernel has one
+        if due is None or due(epoch) or stop or epoch >= self.ctx.target:
             with self.ctx.save_checkpoint(epoch, meta={"framework": "lightning"}) as folder:
                 trainer.save_checkpoint(str(folder / CHECKPOINT))  # every rank: it ends in a barrier
                 if self.ctx.is_main:
                     info = {"trial_id": self.ctx.trial_id, "epoch": epoch, "lightning": pl.__version__}
                     (folder / TRIAL_JSON).write_text(json.dumps(info, sort_keys=True))
-        if trainer.strategy.reduce_boolean_decision(self.ctx.should_stop(), all=False):
+        if stop:
             trainer.should_stop = True
 
 

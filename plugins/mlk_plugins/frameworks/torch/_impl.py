@@ -289,8 +289,14 @@ class TorchTrial:
             ctx.report(epoch, metrics)
             with ctx.save_checkpoint(epoch, meta={"framework": "torch"}) as folder:
                 self.save(folder)
-            if ctx.should_stop():
+            if self.should_stop():
                 break
+
+    def should_stop(self) -> bool:
+        """``ctx.should_stop()``; in a data-parallel trial, decided by all ranks together (any rank
+        asked: every rank stops after this epoch), so none is left waiting in a collective."""
+        stop = self.ctx.should_stop()
+        return ddp.any_rank(stop) if self.place is not None else stop
 
     def evaluate_checkpoint(self, split: str = "test") -> dict[str, float]:
         """Metrics on ``split`` of the trial's latest checkpoint (without training)."""
