@@ -4,6 +4,10 @@ The search loop submits :class:`mlk.trial.TrialTask` objects and collects
 :class:`mlk.trial.TrialResult` objects; the backend runs :func:`mlk.trial.run_trial` on each task
 somewhere (worker processes here, a Ray cluster elsewhere). A backend never loses a task
 silently: a worker that dies yields a failed result naming what happened.
+
+A data-parallel trial (``resources.slots_per_trial: N``) is one task like any other: the worker
+that runs it starts and supervises its N rank processes (:mod:`mlk.distributed`), so a backend
+needs nothing of its own for it; ``max_concurrent_trials * slots_per_trial`` processes train at once.
 """
 
 from __future__ import annotations
@@ -31,8 +35,11 @@ class Backend(Plugin):
         self.preload_modules: tuple[str, ...] = ()
 
     def describe(self) -> dict[str, Any]:
-        """What this backend would do, for ``mlk graph``: a plan, nothing started."""
-        return {"backend": self.name, "max_concurrent_trials": self.config.max_concurrent_trials}
+        """What this backend would do, for ``mlk graph``: a plan, nothing started. A trial with
+        ``slots_per_trial > 1`` is supervised by its worker, which starts that many rank processes
+        (:mod:`mlk.distributed`)."""
+        return {"backend": self.name, "max_concurrent_trials": self.config.max_concurrent_trials,
+                "slots_per_trial": self.config.slots_per_trial}
 
     def start(self) -> None:
         """Acquire workers. Called once before the first :meth:`submit`."""
