@@ -12,7 +12,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -468,6 +467,7 @@ def test_tvm_config_rules() -> None:
     assert TvmCompiler.Config.model_validate({"name": "tvm", "tuning_trials": 10, "batch_size": 8}).batch_size == 8
     with pytest.raises(ValueError):
         TvmCompiler.Config.model_validate({"name": "tvm", "batch_size": 0})
+    # tuning itself (and its refusal where MetaSchedule cannot work): tests/plugins/test_tvm_compiler.py
 
 
 @needs_tvm
@@ -486,8 +486,10 @@ def test_tvm_fixed_batch_and_json_target_run_any_batch(tmp_path: Path) -> None:
     source = onnx_source(tmp_path, "conv")
     compiler, artifact = compile_with(TvmCompiler, source, tmp_path, "conv", batch_size=16,
                                       target="llvm -mcpu=native -num-cores=2")
-    assert artifact.meta["batch_size"] == 16 and artifact.meta["steps"][-1] == "tvm llvm batch 16"
+    assert artifact.meta["batch_size"] == 16
+    assert artifact.meta["steps"][-1] == "tvm llvm batch 16, default schedules"
     assert artifact.meta["target"] == {"kind": "llvm", "mcpu": "native", "num-cores": 2}
+    assert artifact.meta["target_resolved"]["mcpu"] != "native"
     check_runner(compiler.runner(artifact, 2), "conv", FP32_TOLERANCE)
 
 
@@ -499,22 +501,6 @@ def test_tvm_takes_the_fixed_batch_of_its_onnx_input(tmp_path: Path) -> None:
     check_runner(compiler.runner(artifact, 1), "mlp", FP32_TOLERANCE)
     with pytest.raises(UserError, match="fixed batch of 1"):
         compile_with(TvmCompiler, source, tmp_path / "b4", "mlp", batch_size=4)
-
-
-@needs_tvm
-def test_tvm_tuning_is_unavailable_when_metaschedule_breaks(tmp_path: Path) -> None:
-    """MetaSchedule serialises TIR with tvm.ir.save_json, which segfaults in apache-tvm 0.27.0.post1; the
-    plugin probes that in a subprocess. Where it works, tuning a few trials must give a correct library."""
-    source = onnx_source(tmp_path, "mlp")
-    start = time.monotonic()
-    try:
-        compiler, artifact = compile_with(TvmCompiler, source, tmp_path, "mlp", batch_size=8, tuning_trials=8)
-    except Unavailable as e:
-        assert "MetaSchedule" in str(e) and "tuning_trials: 0" in str(e)
-        assert time.monotonic() - start < 30
-        return
-    assert artifact.meta["tuning_trials"] == 8
-    check_runner(compiler.runner(artifact, 1), "mlp", FP32_TOLERANCE)
 
 
 @needs_tvm

@@ -1,41 +1,59 @@
 """``tvm``: an ONNX model compiled by Apache TVM (Relax) into a shared library, ``model.so``.
 
 ``from_onnx`` imports the model (weights as constants), ``DecomposeOpsForInference`` rewrites
-batch norm and friends for inference, ``tvm.compile`` lowers and builds it for ``target``, and
-``export_library`` links ``model.so`` with the system C compiler. The runner loads it into a Relax
-``VirtualMachine`` on the CPU.
+batch norm and friends for inference, and the Relax CPU pipeline (``relax.get_default_pipeline``:
+legalisation, constant folding, operator fusion) lowers it; ``export_library`` links ``model.so``
+with the system C compiler. The runner loads it into a Relax ``VirtualMachine`` on the CPU and passes
+arrays in and out through DLPack (no copies unless the input is misaligned).
 
 Batch axis: with ``batch_size`` unset the ONNX model's symbolic batch axis stays symbolic in Relax
-(one library for every batch size; checked with TVM 0.27: outputs equal to torch's within 1e-6).
-A fixed ``batch_size`` (needed for tuning) builds for that size only; the runner then feeds larger
-batches in chunks and pads the last one.
+(one library for every batch size). A fixed ``batch_size`` (needed for tuning) builds for that size
+only; the runner then feeds other batch sizes in chunks and pads the last one.
 
-Target: ``llvm`` (this CPU's generic x86-64/aarch64 code), a TVM target as JSON
-(``{"kind": "llvm", "mcpu": "native", "num-cores": 2}``), or the older command-line form
-(``llvm -mcpu=native -mattr=+avx2,+fma -num-cores=2``), which TVM 0.27 no longer parses itself and
-this plugin translates into the JSON form. Only CPU (``llvm``) targets that run on this machine are
-supported.
+Target: ``llvm`` (generic x86-64/aarch64 code), a TVM target as JSON (``{"kind": "llvm", "mcpu":
+"native"}``), or the command-line form (``llvm -mcpu=native -num-cores=2``), which TVM 0.27 no
+longer parses itself and this plugin translates. ``mcpu: native`` is replaced by this machine's CPU
+name (``znver3``, ``skylake``...): the LLVM inside the apache-tvm wheel rejects ``native`` for its
+triple and silently falls back to generic code. Only CPU (``llvm``) targets are supported.
 
-Tuning (``tuning_trials > 0``) uses TVM's MetaSchedule (``tune_relax`` then ``compile_relax``; cost
-model xgboost when installed, else random) and needs a fixed ``batch_size``. MetaSchedule
-serialises TIR functions (``tvm.ir.save_json``) for its database and builder; that crashes the
-process in the apache-tvm 0.27.0.post1 wheel, so the plugin first checks it in a subprocess and
-raises :class:`~mlk.compiler.Unavailable` when it fails. Untuned (``tuning_trials: 0``) CPU code is
-TVM's default schedule: correct, but neither vectorised nor parallel, so it is slow for large layers.
+Schedules. Untuned (``tuning_trials: 0``), every fused operator keeps TVM's default schedule: plain
+loops, correct but neither tiled, vectorised nor parallel, so convolutions are slow. With
+``tuning_trials > 0`` (and a fixed ``batch_size``) MetaSchedule searches schedules (tiling,
+vectorisation, parallel loops, unrolling) for each fused operator, measuring ``tuning_trials``
+candidates in all, within ``tuning_budget_s`` seconds. Tuning goes in rounds of one batch of
+candidates per operator, each round starting from the best schedules measured so far; no round
+starts after the budget, and candidates of a running round that reach the builder after it are not
+built. The best schedule found for each operator is built in (operators never measured keep the
+default); the artifact's ``tuning`` facts say how many trials were measured and for how many operators.
+Tuning runs in a child process, which builds and times candidates itself (MetaSchedule's own
+builder and runner start pools of worker processes that each import TVM and torch: 16 candidates of
+the digits MLP took 9 minutes that way on a loaded machine, 32 in-process 48 s) and imports only
+the x86 and ARM tensor intrinsics (importing all of them, CUDA and ROCm included, took two minutes on a
+loaded machine). The artifact records what was done:
+``schedule`` is ``default`` or ``metaschedule``, with the trials measured, tasks and seconds.
+
+MetaSchedule needs TVM's object serialisation (``tvm.ir.save_json``; ``TuneContext`` uses it to
+copy modules). With apache-tvm 0.27.0.post1 and apache-tvm-ffi 0.1.15 that crashes (SIGSEGV in
+``tvm::ffi::ToJSONGraph`` on any object with a data-type field; apache-tvm only asks for
+``apache-tvm-ffi>=0.1.14.post0``); with apache-tvm-ffi 0.1.14.post1 it works. The plugin checks it
+in a subprocess and raises :class:`~mlk.compiler.Unavailable` naming the versions when it fails.
 
 Threads: the runner sets ``TVM_NUM_THREADS`` (only effective before TVM's thread pool starts in the
-process) and calls ``runtime.config_threadpool``, which can lower the count later. Only parallel
-loops (tuned schedules) use the pool; untuned code runs on one thread.
+process) and calls ``runtime.config_threadpool``. Only parallel loops (tuned schedules) use the pool;
+default schedules run on the calling thread.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import time
+from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -45,11 +63,14 @@ from mlk.compiler import Artifact, CompileConfig, CompileInputs, Compiler, Runne
 from mlk.errors import MlkError, UserError
 
 FILE = "model.so"
+TUNING_FILE = "tuning.json"
+#: TVM data are 64-byte aligned; inputs that are not get copied into an aligned buffer.
+ALIGNMENT = 64
 
-#: Run in a subprocess: does serialising a TIR function (what MetaSchedule does) work here?
+#: Run in a subprocess: does serialising a TIR object with a data-type field (what MetaSchedule's
+#: TuneContext does) work here? It crashes with apache-tvm 0.27.0.post1 + apache-tvm-ffi 0.1.15.
 _TUNING_PROBE = """
 from tvm import te, ir
-from tvm.s_tir import meta_schedule
 a = te.placeholder((4,), name="a")
 b = te.compute((4,), lambda i: a[i] + 1.0, name="b")
 assert ir.save_json(te.create_prim_func([a, b]))
@@ -60,11 +81,14 @@ class TvmConfig(CompileConfig):
     """``compile:`` entry of ``name: tvm``."""
 
     target: str = Field("llvm", description='TVM CPU target: "llvm", JSON such as {"kind": "llvm", "mcpu": '
-                                            '"native"}, or the command-line form "llvm -mcpu=native -num-cores=2"')
+                                            '"native"}, or the command-line form "llvm -mcpu=native -num-cores=2" '
+                                            '(native: this machine\'s CPU)')
     batch_size: int | None = Field(None, ge=1, description="build for this batch size only (the runner splits "
                                                            "other sizes into chunks); unset: symbolic batch axis")
-    tuning_trials: int = Field(0, ge=0, description="MetaSchedule tuning trials over all tasks (0: untuned); "
-                                                    "needs batch_size, and a TVM whose MetaSchedule works")
+    tuning_trials: int = Field(0, ge=0, description="MetaSchedule tuning: candidate schedules measured over all "
+                                                    "fused operators (0: TVM's default schedules); needs batch_size")
+    tuning_budget_s: float = Field(1800.0, gt=0, description="wall-clock limit of tuning in seconds; candidates "
+                                                             "past it are not measured")
 
     @model_validator(mode="after")
     def _tuning_needs_batch(self) -> TvmConfig:
@@ -87,7 +111,8 @@ class TvmCompiler(Compiler):
     def describe(self, source_format: str) -> str:
         c = self.config
         batch = "symbolic batch" if c.batch_size is None else f"batch {c.batch_size}"
-        tuned = f", {c.tuning_trials} tuning trials" if c.tuning_trials else ""
+        tuned = f", tuned: {c.tuning_trials} trials within {c.tuning_budget_s:g} s" if c.tuning_trials else \
+            ", default schedules"
         return f"{self.name}: {source_format} -> tvm ({c.target}, {batch}{tuned})"
 
     def compile(self, source: Artifact, out: Path, inputs: CompileInputs) -> Artifact:
@@ -108,31 +133,26 @@ class TvmCompiler(Compiler):
                             hint="export ONNX with dynamic_batch: true, or leave batch_size unset")
 
         import tvm
-        from tvm import relax
-        from tvm.relax.frontend.onnx import from_onnx
 
-        target = _target(tvm, spec)
-        shape_dict = None
-        if batch is not None:
-            shape_dict = {feed.name: [batch, *(int(d.dim_value) for d in dims[1:])]}
-        try:
-            mod = from_onnx(model, shape_dict=shape_dict, dtype_dict={feed.name: "float32"},
-                            keep_params_in_input=False)
-        except Exception as e:  # the frontend raises bare errors for unsupported operators
-            raise MlkError(f"TVM cannot import {source.file}: {type(e).__name__}: {e}") from e
-        mod = relax.transform.DecomposeOpsForInference()(mod)
+        resolved = resolve_target(tvm, spec)
+        target = _target(tvm, resolved)
+        shape = None if batch is None else [batch, *(int(d.dim_value) for d in dims[1:])]
         if c.tuning_trials:
-            executable = _tune_and_compile(mod, spec, c.tuning_trials, inputs)
+            facts = _tune_in_child(source.file, out, resolved, shape, c, inputs)
+            schedule = "metaschedule"
         else:
-            executable = tvm.compile(mod, target=target)
-        try:
-            executable.export_library(str(out / FILE))
-        except Exception as e:  # linking needs a C compiler (TVM calls gcc / $CC)
-            raise Unavailable(f"TVM could not link {FILE}; it needs a working C compiler (gcc or $CC): {e}") from e
-        step = f"tvm {target.kind.name}" + (f" batch {batch}" if batch else "") + \
-            (f", tuned {c.tuning_trials} trials" if c.tuning_trials else "")
-        artifact = source.derive("tvm", out, step, file=FILE, target=spec,
-                                 batch_size=batch, tuning_trials=c.tuning_trials, tvm_version=tvm.__version__)
+            mod = import_onnx(model, shape)
+            executable = build_default(mod, target)
+            _export(executable, out / FILE)
+            facts = {}
+            schedule = "default"
+        how = (f"tuned: {facts['trials_measured']} of {c.tuning_trials} trials measured over "
+               f"{facts['tasks_tuned']}/{facts['tasks']} operators in {facts['seconds']:.0f} s"
+               + (" (budget reached)" if facts["budget_reached"] else "")) if c.tuning_trials else "default schedules"
+        step = f"tvm {target.kind.name}" + (f" batch {batch}" if batch else "") + f", {how}"
+        artifact = source.derive("tvm", out, step, file=FILE, target=spec, target_resolved=resolved,
+                                 batch_size=batch, tuning_trials=c.tuning_trials, schedule=schedule,
+                                 tuning=facts or None, tvm_version=tvm.__version__)
         artifact.save_meta()
         return artifact
 
@@ -145,6 +165,7 @@ class TvmCompiler(Compiler):
         os.environ.setdefault("TVM_NUM_THREADS", str(max(1, threads)))
         import numpy as np
         import tvm
+        import tvm_ffi
         from tvm import relax
 
         tvm.get_global_func("runtime.config_threadpool")(0, max(1, threads))
@@ -152,20 +173,36 @@ class TvmCompiler(Compiler):
             library = tvm.runtime.load_module(str(path))
         except Exception as e:  # a truncated or foreign .so
             raise MlkError(f"cannot load TVM library {path}: {type(e).__name__}: {e}") from e
-        device = tvm.cpu()
-        vm = relax.VirtualMachine(library, device)
+        vm = relax.VirtualMachine(library, tvm.cpu())
         main = vm["main"]
         fixed = artifact.meta.get("batch_size")
 
         def run_once(x: Any) -> Any:
-            return main(tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32), device)).numpy()
+            # DLPack both ways: tvm.runtime.tensor(x) and .numpy() copy (30 us + 9 us for one digits
+            # row here, more than the MLP's whole computation)
+            return np.from_dlpack(main(tvm_ffi.from_dlpack(aligned(x))))
 
         return lambda x: run_in_chunks(run_once, x, fixed)
+
+
+def aligned(x: Any) -> Any:
+    """``x`` as a C-contiguous float32 array whose data start on a 64-byte boundary (a copy if needed)."""
+    import numpy as np
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ctypes.data % ALIGNMENT == 0:
+        return x
+    raw = np.empty(x.nbytes + ALIGNMENT, dtype=np.uint8)
+    offset = -raw.ctypes.data % ALIGNMENT
+    out = raw[offset:offset + x.nbytes].view(np.float32).reshape(x.shape)
+    out[...] = x
+    return out
 
 
 def parse_target(text: str) -> dict[str, Any]:
     """``text`` (a kind, JSON, or ``llvm -key=value ...``) as a TVM target dict; CPU (llvm) targets only."""
     text = text.strip()
+    spec: dict[str, Any]
     if not text:
         raise UserError("target is empty", where="compile.target", hint='use "llvm" for this CPU')
     if text.startswith("{"):
@@ -188,11 +225,17 @@ def parse_target(text: str) -> dict[str, Any]:
                 spec[key] = int(value) if value.isdigit() else value
             else:
                 spec[key] = value
-    kind = spec.get("kind")
-    if kind != "llvm":
-        raise Unavailable(f"the tvm compiler builds for the CPU (target kind 'llvm') only, not {kind!r}: its "
-                          "runner executes on this machine's CPU")
+    if spec.get("kind") != "llvm":
+        raise Unavailable(f"the tvm compiler builds for the CPU (target kind 'llvm') only, not "
+                          f"{spec.get('kind')!r}: its runner executes on this machine's CPU")
     return spec
+
+
+def resolve_target(tvm: Any, spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` with ``mcpu: native`` replaced by this machine's CPU name as LLVM knows it."""
+    if spec.get("mcpu") != "native":
+        return dict(spec)
+    return {**spec, "mcpu": str(tvm.target.codegen.llvm_get_system_cpu())}
 
 
 def _target(tvm: Any, spec: dict[str, Any]) -> Any:
@@ -202,15 +245,64 @@ def _target(tvm: Any, spec: dict[str, Any]) -> Any:
         raise UserError(f"TVM rejects the target {json.dumps(spec)}: {e}", where="compile.target") from e
 
 
-def _check_tuning() -> None:
-    probe = subprocess.run([sys.executable, "-c", _TUNING_PROBE], capture_output=True, text=True, timeout=300)
-    if probe.returncode != 0:
-        import tvm
+def import_onnx(model: Any, shape: list[int] | None) -> Any:
+    """``model`` (an ``onnx.ModelProto``) as a Relax module for inference, its input fixed to ``shape`` when
+    given (else the ONNX model's own, a symbolic batch staying symbolic)."""
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
 
-        raise Unavailable(
-            f"MetaSchedule tuning does not work with the installed TVM {tvm.__version__}: importing "
-            f"tvm.s_tir.meta_schedule or serialising a TIR function (tvm.ir.save_json), which its database "
-            f"and builder need, fails ({_why(probe)}); use tuning_trials: 0 or another TVM build")
+    feed = model.graph.input[0]
+    try:
+        mod = from_onnx(model, shape_dict=None if shape is None else {feed.name: shape},
+                        dtype_dict={feed.name: "float32"}, keep_params_in_input=False)
+    except Exception as e:  # the frontend raises bare errors for unsupported operators
+        raise MlkError(f"TVM cannot import the ONNX model: {type(e).__name__}: {e}") from e
+    return relax.transform.DecomposeOpsForInference()(mod)
+
+
+def build_default(mod: Any, target: Any) -> Any:
+    """``mod`` built with the Relax CPU pipeline (legalise, fold constants, fuse) and default schedules."""
+    import tvm
+    from tvm import relax
+
+    return tvm.compile(mod, target=target, relax_pipeline=relax.get_default_pipeline(target))
+
+
+def _export(executable: Any, path: Path) -> None:
+    try:
+        executable.export_library(str(path))
+    except Exception as e:  # linking needs a C compiler (TVM calls gcc / $CC)
+        raise Unavailable(f"TVM could not link {path.name}; it needs a working C compiler (gcc or $CC): {e}") from e
+
+
+# -- tuning ------------------------------------------------------------------------------------------------
+
+
+@cache
+def _tuning_problem() -> str | None:
+    probe = subprocess.run([sys.executable, "-c", _TUNING_PROBE], capture_output=True, text=True, timeout=300)
+    return None if probe.returncode == 0 else _why(probe)
+
+
+def _check_tuning() -> None:
+    problem = _tuning_problem()
+    if problem is None:
+        return
+    from importlib import metadata
+
+    versions = {d: _version(metadata, d) for d in ("apache-tvm", "apache-tvm-ffi")}
+    raise Unavailable(
+        f"MetaSchedule tuning does not work with apache-tvm {versions['apache-tvm']} and apache-tvm-ffi "
+        f"{versions['apache-tvm-ffi']}: serialising a TIR object (tvm.ir.save_json), which MetaSchedule's "
+        f"TuneContext needs, fails ({problem}). apache-tvm 0.27.0.post1 works with apache-tvm-ffi "
+        f"0.1.14.post1 and crashes with 0.1.15; install that, or use tuning_trials: 0")
+
+
+def _version(metadata: Any, dist: str) -> str:
+    try:
+        return str(metadata.version(dist))
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
 
 
 def _why(probe: subprocess.CompletedProcess[str]) -> str:
@@ -223,19 +315,186 @@ def _why(probe: subprocess.CompletedProcess[str]) -> str:
     return f"exit code {probe.returncode}" + (f": {lines[-1]}" if lines else "")
 
 
-def _tune_and_compile(mod: Any, spec: dict[str, Any], trials: int, inputs: CompileInputs) -> Any:
-    """MetaSchedule: tune ``mod``'s fused TIR functions with ``trials`` measured candidates in all, then
-    build with the best schedules found (untuned functions get DLight's defaults)."""
+def _tune_in_child(onnx_file: Path, out: Path, target: dict[str, Any], shape: list[int] | None, c: TvmConfig,
+                   inputs: CompileInputs) -> dict[str, Any]:
+    """Run :func:`tune_and_build` in a child process (a crash inside TVM must not take the run down); its
+    facts, or an error that says how it ended."""
+    request = {"onnx": str(onnx_file), "out": str(out / FILE), "facts": str(out / TUNING_FILE), "target": target,
+               "shape": shape, "trials": c.tuning_trials, "budget_s": c.tuning_budget_s,
+               "threads": max(1, inputs.threads), "seed": inputs.seed}
+    env = {**os.environ, "TVM_NUM_THREADS": str(max(1, inputs.threads))}
+    with tempfile.TemporaryDirectory(prefix="mlk-tvm-tune-") as work:
+        (Path(work) / "request.json").write_text(json.dumps(request))
+        # the budget bounds measuring; building, search and the final build come on top
+        limit = c.tuning_budget_s * 2 + 600
+        try:
+            child = subprocess.run([sys.executable, "-m", "mlk_plugins.compilers.tvm", str(Path(work) / "request.json"),
+                                    work], capture_output=True, text=True, timeout=limit, env=env)
+        except subprocess.TimeoutExpired as e:
+            raise MlkError(f"TVM tuning did not finish within {limit:.0f} s") from e
+    if child.returncode != 0 or not (out / TUNING_FILE).is_file():
+        raise MlkError(f"TVM tuning failed ({_why(child)})")
+    facts: dict[str, Any] = json.loads((out / TUNING_FILE).read_text())
+    return facts
+
+
+def _import_cpu_intrinsics() -> None:
+    """Import TVM's x86 and ARM tensor intrinsics, not the whole ``tvm.s_tir.tensor_intrin`` package (whose
+    CUDA, ROCm and Hexagon modules took over a minute to import on a loaded machine); MetaSchedule imports the
+    package, which then finds it in ``sys.modules``."""
+    import importlib
+    import types
+
+    import tvm.s_tir
+
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules:
+        return
+    package = types.ModuleType(name)
+    package.__path__ = [str(Path(tvm.s_tir.__file__).parent / "tensor_intrin")]
+    sys.modules[name] = package
+    tvm.s_tir.tensor_intrin = package  # type: ignore[attr-defined]
+    for part in ("x86", "arm_cpu"):
+        importlib.import_module(f"{name}.{part}")
+
+
+def tune_and_build(request: dict[str, Any], work: Path) -> dict[str, Any]:
+    """Import the ONNX model, tune its fused operators with MetaSchedule (builds and timings in this process,
+    an in-memory database), build the library with the best schedules and write it to ``request["out"]``."""
+    import onnx
+
+    _import_cpu_intrinsics()
+    import tvm
+    from tvm import relax
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.s_tir.meta_schedule.runner import PyRunner, PyRunnerFuture, RunnerResult
+
+    start = time.monotonic()
+    deadline = math.inf  # set when the search starts
+    built: dict[str, Any] = {}
+    counts = {"built": 0, "measured": 0, "skipped": 0, "failed": 0}
+
+    @derived_object
+    class InProcessBuilder(PyBuilder):  # type: ignore[misc]
+        def build(self, build_inputs: list[Any]) -> list[Any]:
+            from tvm.driver import build as tvm_build
+            from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+            results = []
+            for item in build_inputs:
+                if time.monotonic() > deadline:
+                    counts["skipped"] += 1
+                    results.append(BuilderResult(None, "tuning budget reached"))
+                    continue
+                try:
+                    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(item.mod)
+                    key = f"candidate-{counts['built']}"
+                    counts["built"] += 1
+                    built[key] = tvm_build(mod, target=item.target)
+                    results.append(BuilderResult(key, None))
+                except Exception as e:  # a candidate that does not compile is a failed trial, not an error
+                    counts["failed"] += 1
+                    results.append(BuilderResult(None, f"{type(e).__name__}: {e}"))
+            return results
+
+    @derived_object
+    class Finished(PyRunnerFuture):  # type: ignore[misc]
+        def __init__(self, result: Any) -> None:
+            super().__init__()
+            self.finished = result
+
+        def done(self) -> bool:
+            return True
+
+        def result(self) -> Any:
+            return self.finished
+
+    @derived_object
+    class InProcessRunner(PyRunner):  # type: ignore[misc]
+        def run(self, runner_inputs: list[Any]) -> list[Any]:
+            device = tvm.cpu()
+            fill = tvm.get_global_func("tvm.contrib.random.random_fill")
+            futures = []
+            for item in runner_inputs:
+                try:
+                    module = built.pop(item.artifact_path)
+                    args = []
+                    for info in item.args_info:
+                        _, dtype, shape = info.as_json()
+                        arg = tvm.runtime.empty([int(s) for s in shape], dtype=dtype, device=device)
+                        fill(arg)
+                        args.append(arg)
+                    timer = module.time_evaluator(module.entry_name, device, number=3, repeat=1, min_repeat_ms=20)
+                    seconds = [float(s) for s in timer(*args).results]
+                    counts["measured"] += 1
+                    futures.append(Finished(RunnerResult(seconds, None)))
+                except Exception as e:  # a candidate that fails at run time is a failed trial
+                    counts["failed"] += 1
+                    futures.append(Finished(RunnerResult(None, f"{type(e).__name__}: {e}")))
+            return futures
+
+    target = tvm.target.Target(request["target"] if "num-cores" in request["target"] else
+                               {**request["target"], "num-cores": int(request["threads"])})
+    mod = import_onnx(onnx.load(request["onnx"]), request["shape"])
+    with target:
+        fused = relax.get_pipeline("zero")(mod)
+    extracted = [t for t in ms.relax_integration.extract_tasks(fused, target)
+                 if not t.mod.attrs.get("tirx.is_scheduled", False)]
+    trials = int(request["trials"])
+    database = ms.database.MemoryDatabase()
+    tuning_start = time.monotonic()
+    deadline = tuning_start + float(request["budget_s"])
+    # In rounds of one batch of candidates per operator, so that no round starts after the budget (a
+    # round already running skips building once it is over); each round's search starts from the best
+    # schedules measured so far, which the database keeps.
+    per_round = max(1, min(64, trials // max(1, len(extracted))))
+    done = rounds = 0
+    while extracted and done < trials and time.monotonic() < deadline:
+        contexts = [ms.TuneContext(mod=t.dispatched[0], target=t.target, space_generator="post-order-apply",
+                                   search_strategy="evolutionary", task_name=t.task_name,
+                                   num_threads=int(request["threads"]),
+                                   rand_state=int(request["seed"]) + 1000 * rounds + i)
+                    for i, t in enumerate(extracted)]
+        n = min(per_round * len(extracted), trials - done)
+        ms.tune.tune_tasks(
+            tasks=contexts, task_weights=[float(t.weight) for t in extracted], work_dir=str(work),
+            max_trials_global=n, num_trials_per_iter=per_round, builder=InProcessBuilder(),
+            runner=InProcessRunner(), database=database, cost_model=_cost_model(),
+            measure_callbacks=[ms.measure_callback.AddToDatabase(), ms.measure_callback.UpdateCostModel()])
+        done += n
+        rounds += 1
+    tuned_seconds = time.monotonic() - tuning_start
+    best: dict[str, float] = {}
+    for task in extracted:
+        mod = task.dispatched[0]
+        top = database.get_top_k(database.commit_workload(mod), 1) if database.has_workload(mod) else []
+        if top and top[0].run_secs:
+            best[str(task.task_name)] = sum(float(s) for s in top[0].run_secs) / len(top[0].run_secs)
+    executable = ms.relax_integration.compile_relax(database, fused, target, None)
+    _export(executable, Path(request["out"]))
+    return {"tasks": len(extracted), "tasks_tuned": len(best), "trials": trials,
+            "trials_measured": counts["measured"], "trials_failed": counts["failed"],
+            "trials_skipped_budget": counts["skipped"], "budget_s": float(request["budget_s"]),
+            "budget_reached": counts["skipped"] > 0 or done < trials, "rounds": rounds, "cost_model": _cost_model(),
+            "tuning_seconds": tuned_seconds, "seconds": time.monotonic() - start,
+            "best_us": {k: round(v * 1e6, 3) for k, v in sorted(best.items())}}
+
+
+def _cost_model() -> str:
+    """MetaSchedule's XGBoost cost model when xgboost is installed, else random scores."""
     import importlib.util
 
-    import tvm
-    from tvm.s_tir import meta_schedule as ms
+    return "xgb" if importlib.util.find_spec("xgboost") is not None else "random"
 
-    # MetaSchedule needs the core count in an llvm target; its default cost model needs xgboost.
-    target = tvm.target.Target({"num-cores": max(1, inputs.threads), **spec})
-    cost_model = "xgb" if importlib.util.find_spec("xgboost") is not None else "random"
-    with tempfile.TemporaryDirectory(prefix="mlk-tvm-tune-") as work:
-        database = ms.relax_integration.tune_relax(
-            mod, {}, target, work, max_trials_global=trials, num_trials_per_iter=min(64, trials),
-            cost_model=cost_model, seed=inputs.seed)
-        return ms.relax_integration.compile_relax(database, mod, target, None)
+
+def _main(argv: list[str]) -> int:
+    request = json.loads(Path(argv[0]).read_text())
+    facts = tune_and_build(request, Path(argv[1]))
+    Path(request["facts"]).write_text(json.dumps(facts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

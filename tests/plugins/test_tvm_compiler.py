@@ -1,0 +1,178 @@
+"""The tvm compiler on a tiny ONNX conv net built here: default schedules, fixed and symbolic batch,
+the DLPack runner, target resolution, and MetaSchedule tuning (or its clear refusal where the installed
+TVM cannot tune). Every library is checked against ONNX Runtime on the same inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mlk.compiler import Artifact, CompileInputs, Unavailable
+from mlk_plugins.compilers.tvm import TvmCompiler, _tuning_problem, aligned, parse_target, resolve_target
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+tvm = pytest.importorskip("tvm")
+
+TOLERANCE = 1e-4
+INPUT = [2, 6, 6]
+
+
+def _tiny_conv_net(path: Path) -> None:
+    """x[b,2,6,6] -> conv 3x3 (4 channels, pad 1) -> relu -> flatten -> dense 144x5: random weights."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((4, 2, 3, 3)).astype(np.float32), "w"),
+               numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b"),
+               numpy_helper.from_array(rng.standard_normal((144, 5)).astype(np.float32) * 0.1, "wd"),
+               numpy_helper.from_array(rng.standard_normal(5).astype(np.float32), "bd")]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Flatten", ["r"], ["f"], axis=1),
+             helper.make_node("Gemm", ["f", "wd", "bd"], ["y"])]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", *INPUT])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 5])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Artifact:
+    folder = tmp_path_factory.mktemp("onnx")
+    _tiny_conv_net(folder / "model.onnx")
+    artifact = Artifact("onnx", folder, {"file": "model.onnx", "steps": ["tiny conv net"], "input_shape": INPUT,
+                                         "num_classes": 5, "input_name": "x"})
+    artifact.save_meta()
+    return artifact
+
+
+def _expected(source: Artifact, x: np.ndarray) -> Any:
+    session = ort.InferenceSession(str(source.file), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def _inputs(n: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, *INPUT)).astype(np.float32)
+
+
+def _compile(source: Artifact, out: Path, **config: Any) -> tuple[TvmCompiler, Artifact]:
+    compiler = TvmCompiler(TvmCompiler.Config.model_validate({"name": "tvm", **config}))
+    out.mkdir(parents=True)
+    return compiler, compiler.compile(source, out, CompileInputs(calibration=None, data=None, threads=2, seed=0))
+
+
+def _check_against_ort(compiler: TvmCompiler, artifact: Artifact, source: Artifact, sizes: tuple[int, ...]) -> None:
+    run = compiler.runner(artifact, 2)
+    for n in sizes:
+        x = _inputs(n, seed=n)
+        got = run(x)
+        assert got.shape == (n, 5)
+        assert float(np.abs(got - _expected(source, x)).max()) <= TOLERANCE, n
+
+
+def test_default_schedules_symbolic_batch_match_ort(source: Artifact, tmp_path: Path) -> None:
+    compiler, artifact = _compile(source, tmp_path / "out", target="llvm -mcpu=native")
+    assert artifact.file.name == "model.so" and artifact.file.stat().st_size > 0
+    assert artifact.meta["schedule"] == "default" and artifact.meta["tuning"] is None
+    assert artifact.meta["batch_size"] is None
+    assert artifact.meta["steps"] == ["tiny conv net", "tvm llvm, default schedules"]
+    assert artifact.meta["target"] == {"kind": "llvm", "mcpu": "native"}
+    assert artifact.meta["target_resolved"]["mcpu"] not in ("native", "")
+    assert Artifact.load(artifact.path).meta["schedule"] == "default"
+    _check_against_ort(compiler, artifact, source, (1, 3, 16))
+
+
+def test_fixed_batch_runs_other_sizes_in_chunks(source: Artifact, tmp_path: Path) -> None:
+    compiler, artifact = _compile(source, tmp_path / "out", batch_size=4)
+    assert artifact.meta["batch_size"] == 4 and artifact.meta["steps"][-1] == "tvm llvm batch 4, default schedules"
+    _check_against_ort(compiler, artifact, source, (1, 4, 9))
+
+
+def test_runner_takes_strided_and_misaligned_inputs(source: Artifact, tmp_path: Path) -> None:
+    compiler, artifact = _compile(source, tmp_path / "out")
+    run = compiler.runner(artifact, 1)
+    x = _inputs(8)
+    want = _expected(source, x)
+    strided = np.concatenate([x, x])[::2]  # not contiguous
+    assert not strided.flags["C_CONTIGUOUS"]
+    assert float(np.abs(run(strided) - _expected(source, np.ascontiguousarray(strided))).max()) <= TOLERANCE
+    raw = np.empty(x.nbytes + 4, dtype=np.uint8)
+    start = 4 if raw.ctypes.data % 64 == 0 else 0
+    shifted = raw[start:start + x.nbytes].view(np.float32).reshape(x.shape)
+    shifted[...] = x
+    if shifted.ctypes.data % 64 == 0:  # the allocator handed out a 60-byte offset: shift once more
+        shifted = np.empty(x.nbytes + 8, dtype=np.uint8)[4:4 + x.nbytes].view(np.float32).reshape(x.shape)
+        shifted[...] = x
+    assert shifted.ctypes.data % 64 != 0
+    assert float(np.abs(run(shifted) - want).max()) <= TOLERANCE
+
+
+def test_aligned_copies_only_when_needed() -> None:
+    x = aligned(np.arange(12, dtype=np.float64).reshape(3, 4))
+    assert x.dtype == np.float32 and x.ctypes.data % 64 == 0 and x.flags["C_CONTIGUOUS"]
+    assert aligned(x) is x
+    odd = np.empty(4 * 12 + 4, dtype=np.uint8)[4:].view(np.float32).reshape(3, 4)
+    odd[...] = x
+    again = aligned(odd)
+    assert again.ctypes.data % 64 == 0 and np.array_equal(again, x)
+
+
+def test_native_cpu_is_resolved() -> None:
+    resolved = resolve_target(tvm, parse_target("llvm -mcpu=native -num-cores=2"))
+    assert resolved["mcpu"] == str(tvm.target.codegen.llvm_get_system_cpu()) != "native"
+    assert resolved["num-cores"] == 2
+    assert resolve_target(tvm, {"kind": "llvm", "mcpu": "skylake"}) == {"kind": "llvm", "mcpu": "skylake"}
+
+
+def test_tuning_config_rules() -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        TvmCompiler.Config.model_validate({"name": "tvm", "tuning_trials": 4})
+    with pytest.raises(ValueError):
+        TvmCompiler.Config.model_validate({"name": "tvm", "tuning_trials": 4, "batch_size": 2, "tuning_budget_s": 0})
+    c = TvmCompiler(TvmCompiler.Config.model_validate({"name": "tvm", "tuning_trials": 4, "batch_size": 2,
+                                                       "tuning_budget_s": 90}))
+    assert c.describe("onnx") == "tvm: onnx -> tvm (llvm, batch 2, tuned: 4 trials within 90 s)"
+
+
+needs_tuning = pytest.mark.skipif(_tuning_problem() is not None, reason="MetaSchedule cannot work with the "
+                                  "installed TVM (see test_tuning_refusal_names_the_cause)")
+
+
+def test_tuning_refusal_names_the_cause(source: Artifact, tmp_path: Path) -> None:
+    """Where the installed TVM cannot tune, the step is unavailable with the versions and the fix; where it
+    can, the probe passes and the tuned tests below run."""
+    if _tuning_problem() is None:
+        pytest.skip("MetaSchedule works here; the tuned tests cover it")
+    with pytest.raises(Unavailable) as caught:
+        _compile(source, tmp_path / "out", batch_size=2, tuning_trials=2)
+    message = str(caught.value)
+    assert "apache-tvm-ffi" in message and "0.1.14.post1" in message and "tuning_trials: 0" in message
+    assert not (tmp_path / "out" / "model.so").exists()
+
+
+@needs_tuning
+@pytest.mark.slow
+def test_tuned_library_matches_ort(source: Artifact, tmp_path: Path) -> None:
+    compiler, artifact = _compile(source, tmp_path / "out", batch_size=2, tuning_trials=2, tuning_budget_s=600)
+    tuning = artifact.meta["tuning"]
+    assert artifact.meta["schedule"] == "metaschedule" and artifact.meta["tuning_trials"] == 2
+    assert tuning["tasks"] >= 1 and 1 <= tuning["trials_measured"] <= 2 and not tuning["budget_reached"]
+    assert tuning["tasks_tuned"] == len(tuning["best_us"]) >= 1
+    assert all(v > 0 for v in tuning["best_us"].values())
+    assert "tuned: " in artifact.meta["steps"][-1] and "trials measured" in artifact.meta["steps"][-1]
+    _check_against_ort(compiler, artifact, source, (1, 2, 5))
+
+
+@needs_tuning
+@pytest.mark.slow
+def test_tuning_budget_stops_measuring(source: Artifact, tmp_path: Path) -> None:
+    compiler, artifact = _compile(source, tmp_path / "out", batch_size=2, tuning_trials=2, tuning_budget_s=1e-6)
+    tuning = artifact.meta["tuning"]
+    assert tuning["budget_reached"] and tuning["trials_measured"] == 0 and tuning["rounds"] == 0
+    assert "(budget reached)" in artifact.meta["steps"][-1]
+    _check_against_ort(compiler, artifact, source, (2,))  # untuned operators keep the default schedules
