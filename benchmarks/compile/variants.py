@@ -9,12 +9,15 @@ The classes come from mlk's registry (entry-point group ``mlk.compilers``), exac
 - ``ort_int8_static_pc`` / ``ort_int8_static_pt``: ``onnxruntime`` static int8, QDQ, weights per
   channel / per tensor, 256 calibration images from the training split.
 - ``ort_int8_dynamic``: ``onnxruntime`` dynamic int8 (weights int8, activations quantised at run time).
-- ``tvm``: ``tvm`` untuned (target llvm, symbolic batch): one library for both batch sizes.
+- ``tvm``: ``tvm`` with TVM's default schedules (target ``llvm -mcpu=native``, symbolic batch): one
+  library for both batch sizes.
+- ``tvm_tuned_b1`` / ``tvm_tuned_b32``: ``tvm`` tuned with MetaSchedule for batch 1 / batch 32
+  (``tuning_trials`` candidates within ``tuning_budget_s``); each library takes its own batch size
+  only, so at the other size the runner feeds chunks (batch 32 through the batch-1 library is 32
+  calls; batch 1 through the batch-32 library pads to 32). Where tuning cannot work with the installed
+  TVM the plugin raises ``Unavailable`` and the message is recorded.
 - ``fold_bn``, ``prune``: the ``fold_bn`` and ``prune`` (structured 50 %, short fine-tune) passes,
   run eagerly like ``eager`` (the module rebuilt from the pass's artifact with ``load_module``).
-
-Tuned TVM is attempted too (``tvm`` with ``tuning_trials > 0``); the plugin raises ``Unavailable``
-when MetaSchedule cannot work with the installed TVM, and the message is recorded.
 """
 
 from __future__ import annotations
@@ -64,11 +67,15 @@ LABELS = {
     "ort_int8_static_pc": "ORT int8 static, per-channel",
     "ort_int8_static_pt": "ORT int8 static, per-tensor",
     "ort_int8_dynamic": "ORT int8 dynamic",
-    "tvm": "TVM untuned",
+    "tvm": "TVM default schedules",
+    "tvm_tuned_b1": "TVM tuned for batch 1",
+    "tvm_tuned_b32": "TVM tuned for batch 32",
     "fold_bn": "fold_bn (eager)",
     "prune": "prune 50% channels (eager)",
 }
 ALL = tuple(LABELS)
+#: the variants tuned by MetaSchedule, by the batch size they are built for
+TUNED = {"tvm_tuned_b1": 1, "tvm_tuned_b32": 32}
 
 
 def compiler(name: str, **options: Any) -> Any:
@@ -106,7 +113,7 @@ def _loadavg() -> list[float]:
 
 
 def build_variants(trained: dict[str, Any], section: dict[str, Any], work: Path, *, prune_epochs: int = 2,
-                   only: tuple[str, ...] = ALL, tuning_trials: int = 64, seed: int = 0,
+                   only: tuple[str, ...] = ALL, tuning_trials: int = 64, tuning_budget_s: float = 1800.0, seed: int = 0,
                    log: Callable[[str], None] = print) -> Built:
     """Compile ``trained`` (from :func:`benchmarks.compile.models.train`) into every variant in ``only``,
     under ``work``. Compile times and load averages go in each variant's ``facts``."""
@@ -144,7 +151,8 @@ def build_variants(trained: dict[str, Any], section: dict[str, Any], work: Path,
         seconds = time.perf_counter() - t0
         facts = {"loadavg_before": load_before, "loadavg_after": _loadavg()}
         for name in ("opset", "optimization", "quantize", "per_channel", "calibration_examples", "target",
-                     "batch_size", "tuning_trials", "tvm_version", "onnx_nodes", "passes"):
+                     "batch_size", "tuning_trials", "schedule", "tuning", "target_resolved", "tvm_version",
+                     "onnx_nodes", "passes"):
             if name in artifact.meta:
                 facts[name] = artifact.meta[name]
         variants.append(Variant(key, LABELS[key], run, artifact.file, seconds, list(artifact.meta["steps"]), facts))
@@ -169,35 +177,33 @@ def build_variants(trained: dict[str, Any], section: dict[str, Any], work: Path,
     ort("ort_int8_static_pt", quantize="static", per_channel=False, calibration_size=CALIBRATION)
     ort("ort_int8_dynamic", quantize="dynamic")
 
-    def tvm() -> tuple[Any, Callable[[Any], Any]]:
-        c = compiler("tvm")
-        artifact = c.compile(onnx, _fresh(work / "tvm"), inputs)
-        # The runner's runtime.config_threadpool(0, threads) pins the calling (main) thread to one core
-        # (TVM binds "worker 0", the caller); torch and ORT, called from the same thread, would then be
-        # confined to that core too. Undo it after recording it: untuned TVM code runs on the calling
-        # thread alone, so TVM loses nothing, and the other variants keep both cores.
-        before = os.sched_getaffinity(0)
-        run = c.runner(artifact, THREADS)
-        pinned = os.sched_getaffinity(0)
-        os.sched_setaffinity(0, before)
-        thread_facts.update(affinity_before_runner=sorted(before), affinity_after_runner=sorted(pinned),
-                            affinity_restored=sorted(os.sched_getaffinity(0)),
-                            tvm_num_threads_env=os.environ.get("TVM_NUM_THREADS"))
-        return artifact, run
+    def tvm(key: str, **options: Any) -> None:
+        facts: dict[str, Any] = {}
 
-    thread_facts: dict[str, Any] = {}
-    if step("tvm", tvm) is not None:
-        variants[-1].compile_s += onnx_s
-        variants[-1].facts.update(thread_facts, onnx_export_s=onnx_s)
-    if "tvm" in only and tuning_trials:
-        log(f"  trying tvm with tuning_trials={tuning_trials}")
-        try:
-            compiler("tvm", batch_size=1, tuning_trials=tuning_trials).compile(onnx, _fresh(work / "tvm_tuned"),
-                                                                              inputs)
-            errors["tvm_tuned"] = "tuning did not raise Unavailable; its result is not measured by this benchmark"
-        except Unavailable as e:
-            unavailable["tvm_tuned"] = str(e)
-            log(f"  tvm tuned: unavailable: {str(e)[:200]}")
+        def make() -> tuple[Any, Callable[[Any], Any]]:
+            c = compiler("tvm", target="llvm -mcpu=native", **options)
+            artifact = c.compile(onnx, _fresh(work / key), inputs)
+            # The runner's runtime.config_threadpool(0, threads) pins the calling (main) thread to one core
+            # (TVM binds "worker 0", the caller); torch and ORT, called from the same thread, would then be
+            # confined to that core too. Undo it after recording it: TVM's other pool threads keep their own
+            # cores, and the other variants keep both cores.
+            before = os.sched_getaffinity(0)
+            run = c.runner(artifact, THREADS)
+            pinned = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, before)
+            facts.update(affinity_before_runner=sorted(before), affinity_after_runner=sorted(pinned),
+                         affinity_restored=sorted(os.sched_getaffinity(0)),
+                         tvm_num_threads_env=os.environ.get("TVM_NUM_THREADS"))
+            return artifact, run
+
+        if step(key, make) is not None:
+            variants[-1].compile_s += onnx_s
+            variants[-1].facts.update(facts, onnx_export_s=onnx_s)
+
+    tvm("tvm")
+    if tuning_trials:
+        for key, batch in TUNED.items():
+            tvm(key, batch_size=batch, tuning_trials=tuning_trials, tuning_budget_s=tuning_budget_s)
 
     def torch_pass(key: str, name: str, **options: Any) -> None:
         def make() -> tuple[Any, Callable[[Any], Any]]:
