@@ -58,11 +58,16 @@ def _compile_nodes(spec: Any) -> list[Node]:
     deploys = plan_deploys(spec, reg, steps)
     for step in steps:
         why = f" (inserted: {step.inserted_for} needs {' or '.join(step.needs)})" if step.inserted_for else ""
+        if step.stands_in_for:
+            why += f" (stands in for {step.stands_in_for}, which does not take {step.source_format})"
         cls = reg.get("compilers", step.config["name"], where="compile.name")
-        source_format = step.source_format
+        config: dict[str, Any] = {"step": step.config, "input": step.input}
+        describe = cls(cls.Config.model_validate(step.config)).describe(step.source_format) + why
+        if step.unreachable:
+            config["unreachable"] = step.unreachable
+            describe = f"{step.config['name']}: unavailable: {step.unreachable}"
         nodes.append(Node(id=step.node_id, kind="compile", run="mlk.stages.compile:run",
-                          config={"step": step.config, "input": step.input}, inputs=[step.input, *data],
-                          describe=cls(cls.Config.model_validate(step.config)).describe(source_format) + why))
+                          config=config, inputs=[step.input, *data], describe=describe))
         nodes.append(Node(id=f"validate/{step.id}", kind="validate", run="mlk.stages.validate:run",
                           config={"artifact": step.node_id, "compiler": step.config["name"],
                                   "validate": spec["validate"]},

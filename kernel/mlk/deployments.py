@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -198,7 +199,7 @@ class Registry:
             reason = f"{canary_percent:g}% of traffic" if canary_percent is not None else ""
             db.execute("INSERT INTO model_history (name, time, action, version, previous, reason)"
                        " VALUES (?, ?, ?, ?, ?, ?)", (name, now, action, target.version, previous, reason))
-        return self.routing(name)
+        return self._changed(name, target.version, action)
 
     def rollback(self, name: str, reason: str = "") -> Routing:
         """Drop the canary when there is one; otherwise make the previous production version production
@@ -217,6 +218,7 @@ class Registry:
                 db.execute("INSERT INTO model_history (name, time, action, version, previous, reason)"
                            " VALUES (?, ?, 'rollback canary', ?, ?, ?)",
                            (name, now, row["production"], row["canary"], reason))
+                action, version = "rollback canary", int(row["canary"])
             else:
                 if len(stack) < 2:
                     raise UserError(f"model '{name}' has had only one production version ({row['production']}), so "
@@ -227,7 +229,23 @@ class Registry:
                            (stack[-1], json.dumps(stack), now, name))
                 db.execute("INSERT INTO model_history (name, time, action, version, previous, reason)"
                            " VALUES (?, ?, 'rollback', ?, ?, ?)", (name, now, stack[-1], current, reason))
-        return self.routing(name)
+                action, version = "rollback", int(stack[-1])
+        return self._changed(name, version, action)
+
+    def _changed(self, name: str, version: int, action: str) -> Routing:
+        """The routing after a committed change, told to the ``mlk_deployment_changed`` hooks."""
+        routing = self.routing(name)
+        plain = {"production": routing.production.version if routing.production else None,
+                 "canary": routing.canary.version if routing.canary else None,
+                 "canary_percent": routing.canary_percent}
+        from mlk.registry import registry
+
+        try:
+            registry().hooks.mlk_deployment_changed(model=name, version=version, action=action, routing=plain)
+        except Exception as e:  # the change is committed; a tracker's failure must not look like its failure
+            sys.stderr.write(f"mlk: warning: a mlk_deployment_changed hook failed ({type(e).__name__}: {e}); "
+                             f"model '{name}' {action} version {version} stands\n")
+        return routing
 
     def history(self, name: str) -> list[dict[str, Any]]:
         """Registrations, promotions and rollbacks of ``name``, oldest first: ``time``, ``action``

@@ -103,3 +103,15 @@ def mlk_trial_finished(run_id: str, trial_id: int, status: str, resource: int, m
 def mlk_run_finished(run_id: str, status: str, summary: dict[str, Any]) -> None:
     """A run ended with ``status`` ``completed``, ``failed`` or ``interrupted``. ``summary`` holds
     the best trial, its metrics and checkpoint. Called in the driver process."""
+
+
+@hookspec
+def mlk_deployment_changed(model: str, version: int, action: str, routing: dict[str, Any]) -> None:
+    """Which version of a registered model takes traffic changed: ``action`` is ``production`` (a
+    deploy or ``mlk models promote`` made ``version`` production), ``canary`` (``version`` now takes
+    ``routing["canary_percent"]`` percent beside production), ``rollback`` (``version`` is production
+    again) or ``rollback canary`` (the canary ``version`` was dropped; a server's automatic rollback
+    is one). ``routing`` is the routing after the change: ``production`` and ``canary`` (version
+    numbers or None), ``canary_percent``. Called after the change is committed to the registry, in
+    the process that made it (the driver, the CLI, or a server); an exception a tracker raises is
+    printed as a warning and does not undo the change."""

@@ -12,6 +12,7 @@ from pydantic import BaseModel
 
 from mlk.hyperparameters import Categorical, Const, Double, Int, Log
 from mlk.sections import KeepConfig, ValidateConfig
+from mlk.target import AutoRollback
 
 GROUP_SECTIONS = {
     "frameworks": "framework",
@@ -21,6 +22,7 @@ GROUP_SECTIONS = {
     "backends": "resources",
     "storage": "storage",
     "compilers": "compile[]",
+    "targets": "deploy[]",
 }
 
 
@@ -101,4 +103,7 @@ def spec_reference_markdown(reg: Any) -> str:
                 title += f" ({' or '.join(cls.accepts)} -> {cls.produces})"
             out += [f"### {title} ({entry.distribution})", "", doc[0] if doc else "", ""]
             out += [*fields_table(cls.Config, f"{section}.", skip=("name", "keep")), ""]
+        if group == "targets":
+            out += ["### `deploy[].auto_rollback` (every target that serves)", "",
+                    *fields_table(AutoRollback, "deploy[].auto_rollback."), ""]
     return "\n".join(out).rstrip() + "\n"

@@ -161,7 +161,7 @@ def test_builtin_compilers_end_to_end(workdir: Path) -> None:
     proc = mlk("run", "+spec=digits_hb", "searcher.max_resource=3", "validate.repeats=10",
                "compile=[{name: onnx}, {name: onnxruntime, quantize: static}, {name: tvm}, {name: tflite}, "
                "{name: coreml}, {name: tensorrt}, {name: onnxruntime, id: ort_dynamic, quantize: dynamic}]",
-               cwd=workdir)
+               "~deploy", cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     show = _show(workdir, {})
     reports = {r["artifact"]: r for r in show["validation"]}

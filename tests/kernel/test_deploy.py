@@ -13,6 +13,8 @@ import pytest
 
 from mlk.deployments import Registry
 from mlk.errors import UserError
+from mlk.hookspecs import hookimpl
+from mlk.registry import registry
 from tests.conftest import ROOT, mlk
 from tests.kernel.test_registry import fake_distribution
 
@@ -67,6 +69,48 @@ def test_promote_canary_and_rollback_in_order(models: Registry) -> None:
                        ("rollback canary", 2, 3, "p99 too high"), ("rollback", 1, 2, "bad release"),
                        ("canary", 3, None, "5% of traffic"), ("production", 3, 1, "")]
     assert models.routing("digits").changed >= models.history("digits")[-1]["time"]
+
+
+class _Watcher:
+    """A tracker plugin: records every ``mlk_deployment_changed`` call; ``fail`` makes it raise."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[tuple[str, int, str, dict[str, Any]]] = []
+        self.fail = fail
+
+    @hookimpl
+    def mlk_deployment_changed(self, model: str, version: int, action: str, routing: dict[str, Any]) -> None:
+        self.calls.append((model, version, action, routing))
+        if self.fail:
+            raise RuntimeError("tracker is down")
+
+
+def test_every_routing_change_calls_mlk_deployment_changed(models: Registry, capsys: Any) -> None:
+    watcher = _Watcher()
+    registry().register(watcher, name="test-watcher")
+    try:
+        models.promote("digits", 1)
+        models.promote("digits", 2, canary_percent=20)
+        models.rollback("digits", reason="errors")
+        models.promote("digits", 2)
+        models.rollback("digits")
+    finally:
+        registry().pm.unregister(name="test-watcher")
+    assert watcher.calls == [
+        ("digits", 1, "production", {"production": 1, "canary": None, "canary_percent": 0.0}),
+        ("digits", 2, "canary", {"production": 1, "canary": 2, "canary_percent": 20.0}),
+        ("digits", 2, "rollback canary", {"production": 1, "canary": None, "canary_percent": 0.0}),
+        ("digits", 2, "production", {"production": 2, "canary": None, "canary_percent": 0.0}),
+        ("digits", 1, "rollback", {"production": 1, "canary": None, "canary_percent": 0.0}),
+    ]
+    failing = _Watcher(fail=True)
+    registry().register(failing, name="test-failing")
+    try:
+        assert models.promote("digits", 3).production.version == 3  # type: ignore[union-attr]
+    finally:
+        registry().pm.unregister(name="test-failing")
+    assert "mlk_deployment_changed hook failed (RuntimeError: tracker is down)" in capsys.readouterr().err
+    assert models.routing("digits").production.version == 3  # type: ignore[union-attr]
 
 
 def test_mistakes_are_user_errors_naming_the_choices(models: Registry, tmp_path: Path) -> None:

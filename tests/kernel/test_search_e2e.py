@@ -26,7 +26,7 @@ def _reports(workdir: Path) -> list[tuple[int, int, float]]:
 
 @pytest.mark.slow
 def test_hyperband_promotes_from_checkpoints_and_reports_brackets(workdir: Path) -> None:
-    proc = mlk("run", "+spec=digits_hb", "searcher.max_resource=9", cwd=workdir)
+    proc = mlk("run", "+spec=digits_hb", "searcher.max_resource=9", "~deploy", cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     show = _show(workdir)
     trials = {t["trial_id"]: t for t in show["trials"]}
@@ -87,7 +87,7 @@ def test_cifar_hb_runs_on_a_small_archive_in_cifar_format(workdir: Path) -> None
 
     archive = write_archive(workdir / "cifar-10-python.tar.gz", per_batch=40)
     proc = mlk("run", "+spec=cifar_hb", f"data.path={archive}", "searcher.max_resource=3",
-               "hyperparameters.lr.minval=-3", "hyperparameters.lr.maxval=-1", cwd=workdir)
+               "hyperparameters.lr.minval=-3", "hyperparameters.lr.maxval=-1", "~deploy", cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     show = _show(workdir)
     assert len(show["trials"]) == 5  # R=3, eta=3: brackets of 3 and 2 configurations

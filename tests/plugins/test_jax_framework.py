@@ -31,12 +31,17 @@ SECTIONS = {
 }
 HPARAMS = {"lr": 0.005, "hidden": 24}
 REPO = Path(__file__).resolve().parents[2]
+#: Relative difference allowed between two ranks and one process on the same global batch: only the
+#: order of floating-point sums differs (XLA's all-reduce against one device's reduction); dropout
+#: masks are the same (partitionable threefry), so dropout stays on.
+TOLERANCE = 1e-4
 
 
 class TestJaxFramework(FrameworkContract):
     plugin = "jax"
     sections = SECTIONS
     hparams = HPARAMS
+    distributed_tolerance = TOLERANCE
 
 
 def trained(tmp_path: Path, epochs: int = 2) -> tuple[TrialContext, Any]:
@@ -188,10 +193,6 @@ def test_two_processes_with_one_seed_report_identical_metrics(tmp_path: Path) ->
 
 # -- data parallel: resources.slots_per_trial ------------------------------------------------------------
 
-#: Relative difference allowed between two ranks and one process on the same global batch: only the
-#: order of floating-point sums differs (XLA's all-reduce against one device's reduction).
-TOLERANCE = 1e-4
-
 
 def run_slots(home: Path, run_id: str, slots: int) -> tuple[Any, Any]:
     """Two epochs of the digits MLP (dropout on) with a global batch of 32 on ``slots`` rank processes."""
@@ -234,3 +235,16 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(tmp_path: Path) ->
             weights.append({k: params[k] for k in params.files})
     for name, value in weights[0].items():
         np.testing.assert_allclose(weights[1][name], value, rtol=TOLERANCE, atol=1e-6)
+
+
+def test_jax_onnx_without_a_keras_twin_is_unavailable_with_the_reason(tmp_path: Path) -> None:
+    pytest.importorskip("keras")
+    from mlk.compiler import Artifact, Unavailable
+    from mlk_plugins.compilers.jax_export import keras_twin
+
+    recipe = {"model": {"name": "resnet18", "width": 4}, "meta": {"input_shape": [3, 8, 8], "num_classes": 10,
+                                                                  "layout": "nchw"}, "params": []}
+    (tmp_path / "module.json").write_text(json.dumps(recipe))
+    artifact = Artifact("jax", tmp_path, {"input_shape": [3, 8, 8], "file": "params.npz"})
+    with pytest.raises(Unavailable, match="no keras implementation"):
+        keras_twin(artifact, None)

@@ -259,7 +259,7 @@ def test_export_is_a_torch_artifact_every_compiler_takes(tmp_path: Path) -> None
 @pytest.mark.slow
 def test_digits_hb_runs_with_lightning(workdir: Path) -> None:
     proc = mlk("run", "+spec=digits_hb", "framework.name=lightning", "searcher.max_resource=3", "~compile",
-               "~validate", cwd=workdir)
+               "~validate", "~deploy", cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     runs = json.loads(mlk("runs", "list", "--json", cwd=workdir).stdout)
     show = json.loads(mlk("runs", "show", runs[0]["id"], "--json", cwd=workdir).stdout)

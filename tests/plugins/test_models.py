@@ -44,15 +44,23 @@ def test_model_plugins_declare_their_contract(name: str) -> None:
     assert declares("models", name, ENTRY_POINTS[name])
     cls = import_object(ENTRY_POINTS[name], where="test")
     assert issubclass(cls, Model) and cls.name == name
-    assert cls.frameworks == ("torch",) and cls.extra == "torch" and "torch" in cls.requires
+    assert cls.frameworks == ("torch", "keras", "jax") and cls.extra == "torch" and "torch" in cls.requires
     assert cls.Config.model_config["extra"] == "forbid"
     assert [n for n, f in cls.Config.model_fields.items() if not f.description] == []
 
 
 @pytest.mark.parametrize("cls", [DigitsMLP, CifarCNN])
 def test_other_frameworks_are_refused_with_the_choices(cls: type[Model]) -> None:
-    with pytest.raises(UserError, match=rf"model '{cls.name}' has no keras implementation") as err:
-        build(cls, CIFAR_META, framework="keras")
+    with pytest.raises(UserError, match=rf"model '{cls.name}' has no mxnet implementation") as err:
+        build(cls, CIFAR_META, framework="mxnet")
+    assert "valid choices: jax, keras, torch" in str(err.value)
+
+
+def test_resnet18_is_torch_only_and_says_so() -> None:
+    from mlk_plugins.models.resnet18 import ResNet18
+
+    with pytest.raises(UserError, match="model 'resnet18' has no keras implementation") as err:
+        build(ResNet18, CIFAR_META, framework="keras")
     assert "valid choices: torch" in str(err.value)
 
 

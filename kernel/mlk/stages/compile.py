@@ -5,6 +5,12 @@ artifact in a format it accepts (or the step named by its ``input``). When there
 kernel inserts the shortest chain of installed compilers that makes one (``tvm`` after ``torch``
 gets an ``onnx`` step in front), so a plugin that needs a format never needs a spec template.
 Deploy targets get their formats the same way (:func:`plan_steps` with ``wanted`` and ``after``).
+
+One spec serves every framework: a step whose compiler cannot reach the framework's artifact is
+done by a *stand-in*, an installed compiler making the same format from what is there (``onnx``
+under ``framework.name=keras`` is done by ``keras_onnx``), keeping the step's id and options. When
+there is none, the step is planned as unavailable with the reason, like a runtime missing here,
+and the rest of the run goes on.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ class Step:
     source_format: str = ""
     inserted_for: str | None = None
     needs: tuple[str, ...] = field(default_factory=tuple)
+    stands_in_for: str | None = None  # the compiler the spec named, when another one does its work
+    unreachable: str | None = None    # why no installed compiler can do this step from what is there
 
     @property
     def node_id(self) -> str:
@@ -67,6 +75,24 @@ def _chain(reg: Any, have: set[str], want: tuple[str, ...]) -> list[str] | None:
                     return [*path, name]
                 seen.add(cls.produces)
                 queue.append((cls.produces, [*path, name]))
+    return None
+
+
+def _stand_in(reg: Any, cls: Any, cfg: dict[str, Any], have: set[str], where: str) -> dict[str, Any] | None:
+    """The step ``cfg`` done by another compiler making ``cls.produces`` straight from a format in
+    ``have`` (its id and options kept), or None when no installed compiler does."""
+    for name, other in sorted(_compilers(reg).items()):
+        if other is cls or other.produces != cls.produces or not set(other.accepts) & have:
+            continue
+        defaults = {k: f.default for k, f in cls.Config.model_fields.items()}
+        options = {k: v for k, v in cfg.items() if k not in ("name", "id", "input") and v != defaults.get(k, ...)}
+        # The stand-in's own defaults apply; options the user set and it has are carried over.
+        unknown = sorted(k for k in options if k not in other.Config.model_fields)
+        if unknown:
+            raise UserError(f"{cls.name} does not take {', '.join(sorted(have))}; {name} makes {cls.produces} from "
+                            f"it instead but has no option {', '.join(unknown)}", where=where,
+                            hint=f"drop the option, or name {name} with its own options")
+        return {"name": name, "id": cfg.get("id") or cfg["name"], **options}
     return None
 
 
@@ -110,11 +136,27 @@ def plan_steps(spec: Any, reg: Any, wanted: list[dict[str, Any]] | None = None, 
         else:
             source = next((n for n in reversed(formats) if formats[n] in cls.accepts), "")
             if not source:
-                chain = _chain(reg, set(formats.values()), cls.accepts)
+                have = set(formats.values())
+                chain = _chain(reg, have, cls.accepts)
+                standin = _stand_in(reg, cls, cfg, have, here) if chain is None else None
+                if chain is None and standin is not None:
+                    named, cls = cls.name, reg.get("compilers", standin["name"], where=f"{here}.name")
+                    source = next(n for n in reversed(formats) if formats[n] in cls.accepts)
+                    step = Step(standin["id"], standin, source, cls.produces, formats[source],
+                                inserted_for=inserted_for, stands_in_for=named)
+                    taken.add(step.id)
+                    steps.append(step)
+                    formats[step.node_id] = step.produces
+                    continue
                 if chain is None:
-                    raise UserError(f"{cls.name} needs {' or '.join(cls.accepts)}, and no installed compiler "
-                                    f"makes that from {', '.join(sorted(set(formats.values())))}",
-                                    where=here, hint="`mlk plugins list` shows the compilers")
+                    why = (f"{cls.name} needs {' or '.join(cls.accepts)}, and no installed compiler makes that "
+                           f"from {', '.join(sorted(have))} (the {fw.name} framework's artifacts)")
+                    step = Step(cfg.get("id") or cfg["name"], cfg, EXPORT, cls.produces, formats[EXPORT],
+                                inserted_for=inserted_for, unreachable=why)
+                    taken.add(step.id)
+                    steps.append(step)
+                    formats[step.node_id] = step.produces
+                    continue
                 for name in chain:
                     helper = reg.get("compilers", name, where=here)
                     src = next(n for n in reversed(formats) if formats[n] in helper.accepts)
@@ -140,6 +182,8 @@ def chain_to(spec: Any, reg: Any, steps: list[Step], want: tuple[str, ...]) -> l
 
 
 def run(node: Node, ctx: Any) -> dict[str, Any]:
+    if node.config.get("unreachable"):
+        raise Unavailable(node.config["unreachable"])
     step = node.config["step"]
     cls = ctx.registry.get("compilers", step["name"], where="compile.name")
     reason = cls.unavailable_reason()

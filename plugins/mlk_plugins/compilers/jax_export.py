@@ -111,12 +111,17 @@ def keras_twin(source: Artifact, probe: Any) -> Any:
 
     recipe = json.loads((source.path / MODULE).read_text())
     what = recipe["model"].get("name") or recipe["model"].get("_target_")
+    import keras
+
+    why = "it is not a keras.Model"
     try:
         model = build_model(registry(), recipe["model"], "keras", recipe["meta"])
     except UserError as e:
+        model, why = None, e.message
+    if not isinstance(model, keras.Model):
         raise Unavailable(f"jax_onnx needs a keras build of model '{what}' to export through, and it has none "
-                          f"({e.message}); jax2onnx would, but it conflicts with this environment's "
-                          "orbax-checkpoint") from e
+                          f"({why}); jax2onnx would not need one, but it conflicts with this environment's "
+                          "orbax-checkpoint")
     _, params = load_flax(source)
     arrays = dict(flatten(params))
     used = set()
