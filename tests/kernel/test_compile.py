@@ -175,3 +175,25 @@ def test_builtin_compilers_end_to_end(workdir: Path) -> None:
     assert nodes["validate/coreml"]["status"] == "unavailable" and "macOS" in nodes["validate/coreml"]["error"]
     assert nodes["compile/tensorrt"]["status"] == "unavailable"
     assert "NVIDIA GPU" in nodes["compile/tensorrt"]["error"]
+
+
+def test_one_spec_compiles_any_framework_through_stand_ins(workdir: Path) -> None:
+    """cifar_hb was written for torch; under jax, onnx is done by jax_onnx and torch-only steps are
+    planned as unavailable with the reason, so the rest of the run goes on."""
+    proc = mlk("graph", "+spec=cifar_hb", "framework.name=jax", "data.path=/nowhere/cifar.tar.gz", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    described = {line.split()[0]: lines[i + 1].strip() for i, line in enumerate(lines[:-1])
+                 if line.strip().startswith(("compile/", "deploy/"))}
+    assert described["compile/onnx"].startswith("jax_onnx: jax -> onnx")
+    assert "stands in for onnx, which does not take jax" in described["compile/onnx"]
+    assert "fold_bn: unavailable: fold_bn needs torch" in described["compile/fold_bn"]
+    assert "coreml: unavailable" in described["compile/coreml"]
+    onnx_line = next(line for line in lines if line.strip().startswith("compile/onnx "))
+    assert onnx_line.rstrip().endswith("<- export, data")  # not behind the unavailable fold_bn
+    mobile = next(line for line in lines if line.strip().startswith("deploy/mobile "))
+    assert "compile/tflite" in mobile and "compile/coreml" not in mobile
+    # an option the stand-in lacks is refused, naming it
+    bad = mlk("graph", "+spec=digits_hb", "framework.name=keras", "compile=[{name: onnx, exporter: torchscript}]",
+              "~deploy", cwd=workdir)
+    assert bad.returncode == 2 and "keras_onnx makes onnx from it instead but has no option exporter" in bad.stderr

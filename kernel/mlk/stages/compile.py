@@ -121,7 +121,8 @@ def plan_steps(spec: Any, reg: Any, wanted: list[dict[str, Any]] | None = None, 
         taken.add(cfg.get("id") or cfg["name"])
     for earlier in after or []:
         taken.add(earlier.id)
-        formats[earlier.node_id] = earlier.produces
+        if not earlier.unreachable:
+            formats[earlier.node_id] = earlier.produces
     for i, cfg in enumerate(wanted if wanted is not None else spec["compile"]):
         here = f"{where}[{i}]"
         cls = reg.get("compilers", cfg["name"], where=f"{here}.name")
@@ -154,8 +155,7 @@ def plan_steps(spec: Any, reg: Any, wanted: list[dict[str, Any]] | None = None, 
                     step = Step(cfg.get("id") or cfg["name"], cfg, EXPORT, cls.produces, formats[EXPORT],
                                 inserted_for=inserted_for, unreachable=why)
                     taken.add(step.id)
-                    steps.append(step)
-                    formats[step.node_id] = step.produces
+                    steps.append(step)  # its format is never there: later steps take theirs elsewhere
                     continue
                 for name in chain:
                     helper = reg.get("compilers", name, where=here)
@@ -178,7 +178,7 @@ def plan_steps(spec: Any, reg: Any, wanted: list[dict[str, Any]] | None = None, 
 def chain_to(spec: Any, reg: Any, steps: list[Step], want: tuple[str, ...]) -> list[str] | None:
     """The shortest list of compiler names making a format of ``want`` from the export or ``steps``."""
     fw = reg.get("frameworks", spec["framework"]["name"], where="framework.name")
-    return _chain(reg, {fw.export_format, *(s.produces for s in steps)}, want)
+    return _chain(reg, {fw.export_format, *(s.produces for s in steps if not s.unreachable)}, want)
 
 
 def run(node: Node, ctx: Any) -> dict[str, Any]:

@@ -38,7 +38,7 @@ def plan_deploys(spec: Any, reg: Any, steps: list[Step]) -> list[Node]:
         where = f"deploy[{j}]"
         cls = reg.get("targets", cfg["name"], where=f"{where}.name")
         node_id = f"deploy/{cfg.get('id') or cfg['name']}"
-        have = {fw.export_format, *(s.produces for s in steps)}
+        have = {fw.export_format, *(s.produces for s in steps if not s.unreachable)}
         if cls.every_format:
             wanted = [(f,) for f in cls.accepts if f not in have]
         else:
@@ -62,7 +62,7 @@ def plan_deploys(spec: Any, reg: Any, steps: list[Step]) -> list[Node]:
             {"artifact": EXPORT, "validate": None, "format": fw.export_format}
         ] if fw.export_format in cls.accepts else []
         candidates += [{"artifact": s.node_id, "validate": f"validate/{s.id}", "format": s.produces}
-                       for s in steps if s.produces in cls.accepts]
+                       for s in steps if s.produces in cls.accepts and not s.unreachable]
         model = cfg.get("model") or spec.name
         target = cls(cls.Config.model_validate(cfg))
         optional = [c[k] for c in candidates for k in ("artifact", "validate") if c[k] and c[k] != EXPORT]

@@ -111,6 +111,9 @@ def keras_twin(source: Artifact, probe: Any) -> Any:
 
     recipe = json.loads((source.path / MODULE).read_text())
     what = recipe["model"].get("name") or recipe["model"].get("_target_")
+    from mlk_plugins._tensorflow import import_tensorflow
+
+    import_tensorflow()
     import keras
 
     why = "it is not a keras.Model"

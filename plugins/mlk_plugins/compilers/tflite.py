@@ -11,7 +11,6 @@ calibrated on ``inputs.calibration``, and the runner quantises inputs and dequan
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -131,10 +130,9 @@ class TfliteCompiler(Compiler):
 
 
 def _import_tensorflow() -> Any:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
+    from mlk_plugins._tensorflow import import_tensorflow
 
-    return tf
+    return import_tensorflow()
 
 
 def _calibration(data: Any, shape: list[int], size: int) -> Any:

@@ -14,8 +14,11 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import keras
-from keras import layers
+from mlk_plugins._tensorflow import import_tensorflow
+
+import_tensorflow()
+import keras  # noqa: E402
+from keras import layers  # noqa: E402
 
 
 def _torch_like(fan_in: int) -> dict[str, Any]:

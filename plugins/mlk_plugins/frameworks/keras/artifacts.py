@@ -7,7 +7,6 @@ layout (``nchw`` images, flat vectors) and returns logits.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,10 +21,9 @@ FILE = "model.keras"
 
 
 def _tf() -> Any:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
+    from mlk_plugins._tensorflow import import_tensorflow
 
-    return tf
+    return import_tensorflow()
 
 
 def export_trial(ctx: TrialContext, config: KerasConfig, resource: int, out: Path) -> Artifact:
