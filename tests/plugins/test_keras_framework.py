@@ -30,12 +30,18 @@ SECTIONS = {
 }
 HPARAMS = {"lr": 0.005, "hidden": 24}
 REPO = Path(__file__).resolve().parents[2]
+#: Relative difference allowed between two ranks and one process on the same global batch: only the
+#: order of floating-point sums differs (each rank's shard, then the ring all-reduce). Dropout is off
+#: for the comparison: each rank draws its own masks for its shard.
+TOLERANCE = 1e-5
 
 
 class TestKerasFramework(FrameworkContract):
     plugin = "keras"
     sections = SECTIONS
     hparams = HPARAMS
+    distributed_tolerance = TOLERANCE
+    distributed_sections = {"model": {"name": "digits_mlp", "hidden": "${hp.hidden}", "dropout": 0.0}}
 
 
 def trained(tmp_path: Path, epochs: int = 2) -> tuple[TrialContext, Any]:
@@ -176,3 +182,103 @@ def test_two_processes_with_one_seed_report_identical_metrics(tmp_path: Path) ->
         assert done.returncode == 0, done.stderr[-2000:]
         outputs.append(json.loads(done.stdout.strip().splitlines()[-1]))
     assert len(outputs[0]) == 2 and outputs[0] == outputs[1]
+
+
+# -- data parallel: resources.slots_per_trial ------------------------------------------------------------
+
+RANK_SCRIPT = """
+import json, sys
+from pathlib import Path
+import numpy as np
+from mlk.distributed import Distributed
+from mlk.trial import TrialTask, run_trial
+from mlk_plugins.frameworks.keras import _impl
+
+task_file, place, out = sys.argv[1:]
+train = _impl.KerasTrial.run
+
+def run_and_dump(self):  # this rank's replica after training, for the test to compare
+    train(self)
+    np.savez(Path(out) / f"rank{self.parallel.rank}.npz", *[v.numpy() for v in self.model.weights])
+
+_impl.KerasTrial.run = run_and_dump
+result = run_trial(TrialTask(**json.loads(Path(task_file).read_text())), Distributed.from_dict(json.loads(place)))
+if result.error is not None:
+    sys.exit(result.error)
+"""
+
+
+def slots_task(home: Path, run_id: str, slots: int) -> tuple[TrialTask, Any]:
+    """Two epochs of the digits MLP (no dropout) with a global batch of 32 on ``slots`` processes."""
+    from mlk.store import RunStore
+    from mlk.testing import build_spec
+
+    spec = build_spec({
+        "framework": {"name": "keras", "optimizer": "adam", "lr": 0.01, "batch_size": 32},
+        "data": {"name": "digits", "subset": 400},
+        "model": {"name": "digits_mlp", "hidden": 24, "dropout": 0.0},
+        "searcher": {"name": "single", "metric": "val_loss", "max_resource": 4},
+        "resources": {"slots_per_trial": slots},
+        "reproducibility": {"deterministic": True},
+    }, home)
+    store = RunStore(home)
+    store.create_run(run_id, "ddp", spec.hash, spec.data)
+    store.upsert_trial(run_id, 1, {}, 4321, "running", 2)
+    task = TrialTask(run_id=run_id, trial_id=1, hparams={}, seed=4321, target=2, spec=spec.data, home=str(home),
+                     threads=1)
+    return task, store
+
+
+def run_ranks(task: TrialTask, folder: Path) -> list[dict[str, np.ndarray]]:
+    """``task`` on two rank processes started here (as the kernel's supervisor does), each saving its
+    replica's weights after training; returns them by rank."""
+    from dataclasses import asdict
+
+    from mlk.distributed import layout
+
+    (folder / "task.json").write_text(json.dumps(asdict(task), default=str))
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(folder / "task.json"),
+                               json.dumps(place.to_dict()), str(folder)],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for place in layout(2)]
+    try:
+        outputs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+    weights = []
+    for rank in range(2):
+        with np.load(folder / f"rank{rank}.npz", allow_pickle=False) as saved:
+            weights.append({k: saved[k] for k in saved.files})
+    return weights
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_process_on_the_same_global_batch(tmp_path: Path) -> None:
+    from mlk.trial import run_trial
+
+    task, store = slots_task(tmp_path, "one", slots=1)
+    one = run_trial(task)
+    assert one.error is None, one.error
+    task, store = slots_task(tmp_path, "two", slots=2)
+    (tmp_path / "ranks").mkdir()
+    replicas = run_ranks(task, tmp_path / "ranks")
+    single = {m["resource"]: m["metrics"] for m in store.metrics("one", 1)}
+    ranks = {m["resource"]: m["metrics"] for m in store.metrics("two", 1)}
+    assert sorted(single) == sorted(ranks) == [1, 2]  # rank 0 alone recorded, once per epoch
+    for epoch in (1, 2):
+        for key, value in single[epoch].items():
+            assert ranks[epoch][key] == pytest.approx(value, rel=TOLERANCE), (epoch, key)
+    assert ranks[2]["val_accuracy"] > 0.5  # it learned (chance: 0.1)
+    for name, value in replicas[0].items():  # the replicas are the same model, bit for bit
+        np.testing.assert_array_equal(replicas[1][name], value)
+    checkpoints = []
+    for run_id in ("one", "two"):
+        folder = Path(store.checkpoints(run_id, 1)[-1]["uri"].removeprefix("file://"))
+        with np.load(folder / "model.npz", allow_pickle=False) as saved:
+            checkpoints.append({k: saved[k] for k in saved.files})
+    assert sorted(checkpoints[1]) == sorted(checkpoints[0])  # one checkpoint format for both
+    for i, name in enumerate(sorted(checkpoints[0])):
+        np.testing.assert_array_equal(checkpoints[1][name], replicas[0][f"arr_{i}"])  # rank 0 saved its own
+        np.testing.assert_allclose(checkpoints[1][name], checkpoints[0][name], rtol=TOLERANCE, atol=1e-6)

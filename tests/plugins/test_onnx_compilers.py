@@ -557,7 +557,9 @@ class TestOnnxRuntimeStaticContract(_Contract):
     plugin = "onnxruntime"
     cls = OnnxRuntimeCompiler
     config: ClassVar[dict[str, Any]] = {"quantize": "static"}
-    max_diff = 1.0
+    # int8 per tensor on logits reaching ~20: the worst of 360 test outputs moved by 0.67 here and by
+    # 1.87 in one CI run (about 10 % of the largest logit); top-1 agreement is the check that matters.
+    max_diff = 3.0
     min_agreement = 0.95
 
 

@@ -46,6 +46,12 @@ class KerasFramework(Framework):
     With ``reproducibility.deterministic`` TensorFlow's op determinism is on, and a resumed trial
     is bit-identical to an uninterrupted one.
 
+    With ``resources.slots_per_trial: N`` the trial runs on N processes joined by TensorFlow's
+    ``MultiWorkerMirroredStrategy`` (``TF_CONFIG`` from ``ctx.distributed.worker_ports``, ring
+    all-reduce on CPU): weights and optimiser replicated, each global batch of ``batch_size`` split
+    in N shards, gradients summed over ranks (see :mod:`mlk_plugins.frameworks.keras._distributed`).
+    The checkpoint format is the same, so a trial resumes on any number of processes.
+
     Exports a ``keras`` artifact (a ``.keras`` file); the ``keras_onnx`` and ``keras_tflite``
     compilers turn it into ONNX (and from there ONNX Runtime, TVM, TFLite through onnx2tf) and into
     TFLite natively.
@@ -56,6 +62,8 @@ class KerasFramework(Framework):
     requires = ("tensorflow", "keras", "numpy")
     extra = "keras"
     export_format = "keras"
+    #: ``resources.slots_per_trial`` up to this many rank processes (``MultiWorkerMirroredStrategy``).
+    max_slots = 64
     config: KerasConfig
 
     def train(self, ctx: TrialContext) -> None:

@@ -13,24 +13,25 @@ A checkpoint folder holds:
 from __future__ import annotations
 
 import json
-import os
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from mlk_plugins._tensorflow import import_tensorflow
 
-import keras
-import numpy as np
-import tensorflow as tf
-from tensorflow.python.framework import config as tf_config
+tf = import_tensorflow()
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from tensorflow.python.framework import config as tf_config  # noqa: E402
 
-from mlk.errors import UserError
-from mlk.trial import derive_seed
+from mlk.errors import UserError  # noqa: E402
+from mlk.trial import derive_seed  # noqa: E402
 
 if TYPE_CHECKING:
     from mlk.datasets import DataSplits
     from mlk.trial import TrialContext
     from mlk_plugins.frameworks.keras import KerasConfig
+    from mlk_plugins.frameworks.keras._distributed import DataParallel
 
 MODEL_FILE = "model.npz"
 OPTIMIZER_FILE = "optimizer.npz"
@@ -124,7 +125,13 @@ class _Reporter(keras.callbacks.Callback):
 
 
 class KerasTrial:
-    """The training loop of one trial: one ``model.fit`` from the checkpoint's epoch to ``ctx.target``."""
+    """The training loop of one trial: one ``model.fit`` from the checkpoint's epoch to ``ctx.target``.
+
+    Data parallel (``ctx.distributed``, ``resources.slots_per_trial: N``): the model and optimiser
+    are mirrored by a ``MultiWorkerMirroredStrategy`` and each epoch runs the loop of
+    :mod:`mlk_plugins.frameworks.keras._distributed` on this rank's shard of every global batch of
+    ``framework.batch_size``; every rank reports and saves, the kernel records rank 0's.
+    """
 
     def __init__(self, ctx: TrialContext, config: KerasConfig) -> None:
         self.ctx = ctx
@@ -135,6 +142,8 @@ class KerasTrial:
         self.optimizer: keras.optimizers.Optimizer | None = None
         self.augment: dict[str, Any] | None = None
         self.epoch = 0
+        #: This rank's worker in a data-parallel trial (None: one process).
+        self.parallel: DataParallel | None = None
 
     # -- set-up -------------------------------------------------------------------------------------
 
@@ -149,23 +158,44 @@ class KerasTrial:
     def setup(self) -> None:
         """Threads, determinism, data, model (seeded by the trial's seed), optimiser; called by :meth:`run`."""
         set_determinism(self.ctx.deterministic, self.ctx.threads)
+        place = self.ctx.distributed
+        if place is not None and place.world_size > 1:
+            if self.config.jit_compile:
+                raise UserError("framework.jit_compile is not supported with resources.slots_per_trial > 1: the "
+                                "data-parallel loop's cross-worker all-reduce is not compiled with XLA",
+                                where="framework.jit_compile", hint="set framework.jit_compile: false")
+            from mlk_plugins.frameworks.keras._distributed import DataParallel
+
+            self.parallel = DataParallel(place)  # before any TensorFlow op: it configures the runtime
         self.data = self.ctx.load_data()
         self.meta = dict(self.data.meta)
         self.augment = augment_settings(self.ctx, self.meta)
         keras.utils.set_random_seed(self.ctx.seed)  # the initial weights
-        self.model = build_keras_model(self.ctx)
-        self.optimizer = self.build_optimizer()
-        self.model.compile(optimizer=self.optimizer,
-                           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                           metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-                           jit_compile=self.config.jit_compile)
-        self.optimizer.build(self.model.trainable_variables)
+        with self.scope():
+            self.model = build_keras_model(self.ctx)
+            self.optimizer = self.build_optimizer()
+            self.model.compile(optimizer=self.optimizer,
+                               loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                               metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+                               jit_compile=self.config.jit_compile)
+            self.optimizer.build(self.model.trainable_variables)
+
+    def scope(self) -> AbstractContextManager[Any]:
+        """Where variables are created: mirrored over the ranks of a data-parallel trial."""
+        return self.parallel.scope() if self.parallel is not None else nullcontext()
 
     # -- data -----------------------------------------------------------------------------------
 
     def steps_per_epoch(self) -> int:
         assert self.data is not None
-        return -(-len(self.data.train[1]) // self.config.batch_size)
+        n, size = len(self.data.train[1]), self.config.batch_size
+        ranks = self.parallel.size if self.parallel is not None else 1
+        if 0 < n % size < ranks:  # a rank would train on an empty shard (batch statistics of nothing)
+            raise UserError(f"the last batch of the {n} training examples holds {n % size}, fewer than the "
+                            f"{ranks} ranks it is split over", where="framework.batch_size",
+                            hint="choose a batch_size that leaves a last batch of at least "
+                                 "resources.slots_per_trial examples (or none)")
+        return -(-n // size)
 
     def train_dataset(self, first: int, last: int) -> tf.data.Dataset:
         """Epochs ``first``..``last`` of the training split as one stream of batches: each epoch
@@ -178,17 +208,21 @@ class KerasTrial:
         inputs, targets = tf.constant(x), tf.constant(y)
         size, augment = self.config.batch_size, self.augment
 
+        if not augment:  # the lightest pipeline: small batches are dominated by per-element overhead
+            stream = tf.data.Dataset.from_tensor_slices(orders).flat_map(
+                lambda order: tf.data.Dataset.from_tensor_slices(order).batch(size))
+            stream = stream.map(lambda idx: (tf.gather(inputs, idx), tf.gather(targets, idx)))
+            return stream.prefetch(tf.data.AUTOTUNE)
+
         def epoch(order: tf.Tensor, seed: tf.Tensor) -> tf.data.Dataset:
             batches = tf.data.Dataset.from_tensor_slices(order).batch(size).enumerate()
             return batches.map(lambda i, idx: (idx, tf.stack([seed, tf.cast(i, tf.int32)])))
 
         def batch(idx: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            images = tf.gather(inputs, idx)
-            if augment:
-                images = augment_images(images, seed, **augment)
-            return images, tf.gather(targets, idx)
+            return augment_images(tf.gather(inputs, idx), seed, **augment), tf.gather(targets, idx)
 
         stream = tf.data.Dataset.from_tensor_slices((orders, np.asarray(seeds, np.int32))).flat_map(epoch)
+        # Augmentation is worth a parallel map; deterministic keeps the batches in order.
         stream = stream.map(batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         return stream.prefetch(tf.data.AUTOTUNE)
 
@@ -200,10 +234,13 @@ class KerasTrial:
     # -- the loop -------------------------------------------------------------------------------
 
     def begin_epoch(self, epoch: int) -> None:
-        """Reseed every random layer (dropout) from the epoch's seed, so a resumed trial draws the same."""
+        """Reseed every random layer (dropout) from the epoch's seed, so a resumed trial draws the same.
+        Ranks other than 0 of a data-parallel trial draw from their own seeds (their shards differ)."""
         assert self.model is not None
         self.epoch = epoch
         seed = self.ctx.epoch_seed(epoch)
+        if self.parallel is not None and self.parallel.rank:
+            seed = derive_seed(seed, "rank", self.parallel.rank)
         for i, generator in enumerate(_seed_generators(self.model)):
             generator.state.assign(np.array([derive_seed(seed, "layer", i), 0], dtype=generator.state.dtype))
 
@@ -213,7 +250,13 @@ class KerasTrial:
         self.ctx.report(epoch, metrics)
         with self.ctx.save_checkpoint(epoch, meta={"framework": "keras"}) as folder:
             self.save(folder)
-        return self.ctx.should_stop()
+        return self.should_stop()
+
+    def should_stop(self) -> bool:
+        """``ctx.should_stop()``; in a data-parallel trial, decided by all ranks together (any rank
+        asked: every rank stops after this epoch), so none is left waiting in a collective."""
+        stop = self.ctx.should_stop()
+        return self.parallel.any_rank(stop) if self.parallel is not None else stop
 
     def run(self) -> None:
         """Restore the latest checkpoint; then fit up to ``ctx.target``, reporting and saving each epoch."""
@@ -222,9 +265,27 @@ class KerasTrial:
         if start >= self.ctx.target:  # a retry of a trial already at its target: nothing to train
             return
         assert self.model is not None
+        if self.parallel is not None:
+            self.run_parallel(start)
+            return
         self.model.fit(self.train_dataset(start + 1, self.ctx.target), epochs=self.ctx.target,
                        initial_epoch=start, steps_per_epoch=self.steps_per_epoch(),
                        validation_data=self.eval_dataset("val"), callbacks=[_Reporter(self)], shuffle=False, verbose=0)
+
+    def run_parallel(self, start: int) -> None:
+        """``fit``'s epochs on this rank's shards: train, check the replicas agree, evaluate on val,
+        then :meth:`end_epoch` as the single-process loop does."""
+        parallel, model, optimizer = self.parallel, self.model, self.optimizer
+        assert parallel is not None and model is not None and optimizer is not None
+        batches = iter(self.train_dataset(start + 1, self.ctx.target).map(parallel.shard))
+        for epoch in range(start + 1, self.ctx.target + 1):
+            self.begin_epoch(epoch)
+            loss = parallel.train_epoch(model, optimizer, batches, self.steps_per_epoch())
+            parallel.check_identical(model.trainable_variables, "weights")
+            parallel.share_first(model.non_trainable_variables)
+            val = parallel.evaluate(model, optimizer, self.eval_dataset("val"))
+            if self.end_epoch(epoch, {"loss": loss, "val_loss": val["loss"], "val_accuracy": val["accuracy"]}):
+                break
 
     # -- checkpoints ------------------------------------------------------------------------------
 
