@@ -154,9 +154,11 @@ def train_step(model: nn.Module, tx: optax.GradientTransformation, augment: dict
 
 
 def eval_step(model: nn.Module) -> Any:
-    """Summed loss and correct predictions over the rows of ``x`` that ``mask`` marks."""
+    """Summed loss and correct predictions over the examples ``idx`` of ``inputs``/``targets`` that
+    ``mask`` marks (the last batch is padded, so every batch has one shape)."""
 
-    def step(params: Any, x: Any, y: Any, mask: Any) -> Any:
+    def step(params: Any, inputs: Any, targets: Any, idx: Any, mask: Any) -> Any:
+        x, y = inputs[idx], targets[idx]  # gathered inside the jitted call: eager indexing costs ms
         logits: Any = model.apply({"params": params}, x, train=False)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         return (losses * mask).sum(), ((logits.argmax(axis=1) == y) * mask).sum()
@@ -240,18 +242,20 @@ class JaxTrial:
         n = int(targets.shape[0])
         order = np.random.default_rng(seed).permutation(n).astype(np.int32)
         key = jax.random.key(seed)
-        total = jnp.zeros((), jnp.float32)
+        losses, counts = [], []
         for step, (idx, mask) in enumerate(padded_batches(order, self.config.batch_size)):
-            count = mask.sum()
+            counts.append(float(mask.sum()))
             if self.parallel is not None:
                 idx, mask = self.parallel.shard(idx), self.parallel.shard(mask)
             self.params, self.opt_state, loss = self._train_step(
                 self.params, self.opt_state, inputs, targets, idx, mask, key, step)
-            total = total + loss * count
+            losses.append(loss)
         if self.parallel is not None:
             self.parallel.check_identical(self.params, "parameters")
-            total = self.parallel.local(total)
-        return float(total) / n if n else float("nan")
+            losses = [self.parallel.local(loss) for loss in losses]
+        # One transfer at the end: summing on the device would dispatch two eager ops per step.
+        total = float(np.dot(np.asarray(jax.device_get(losses), np.float64), counts)) if losses else 0.0
+        return total / n if n else float("nan")
 
     def local_params(self) -> Any:
         """The parameters as single-device arrays (this rank's replica when data-parallel)."""
@@ -264,7 +268,7 @@ class JaxTrial:
         loss, correct = 0.0, 0
         size = min(self.config.eval_batch_size, max(n, 1))
         for idx, mask in padded_batches(np.arange(n, dtype=np.int32), size):
-            batch_loss, batch_correct = self._eval_step(self.local_params(), x[idx], y[idx], mask)
+            batch_loss, batch_correct = self._eval_step(self.local_params(), x, y, idx, mask)
             loss += float(batch_loss)
             correct += int(batch_correct)
         if not n:
