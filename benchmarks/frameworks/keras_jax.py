@@ -201,13 +201,13 @@ IDIOMATIC: dict[str, dict[str, Any]] = {
 # -- the benchmark ----------------------------------------------------------------------------------
 
 
-def cases(root: Path, quick: bool) -> list[tuple[str, str, dict[str, Any], int]]:
+def cases(root: Path, quick: bool, frameworks: tuple[str, ...] = ("keras", "jax")) -> list[tuple[str, str, dict[str, Any], int]]:
     from benchmarks.frameworks.cifar_format import write_archive
 
     archive = write_archive(root / "cifar" / "cifar-10-python.tar.gz", per_batch=100 if quick else 250)
     cifar = {"name": "cifar10", "path": str(archive.parent)}
     out = []
-    for framework in ("keras", "jax"):
+    for framework in frameworks:
         out.append((framework, "digits_mlp", {"name": "digits"}, 3 if quick else EPOCHS["digits_mlp"]))
         out.append((framework, "cifar_cnn", cifar, 3 if quick else EPOCHS["cifar_cnn"]))
     return out
@@ -217,12 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one repeat, three epochs, a smaller image set")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON results")
+    parser.add_argument("--frameworks", nargs="+", choices=["keras", "jax"], default=["keras", "jax"],
+                        help="which frameworks to measure (default both)")
     args = parser.parse_args(argv)
     configure()
     repeats = 1 if args.quick else REPEATS
     rows = []
     with tempfile.TemporaryDirectory(prefix="mlk-bench-data-") as tmp:
-        for framework, model, data, epochs in cases(Path(tmp), args.quick):
+        for framework, model, data, epochs in cases(Path(tmp), args.quick, tuple(args.frameworks)):
             loops = IDIOMATIC[framework]
             runs: dict[str, list[dict[str, Any]]] = {"mlk": [], **{name: [] for name in loops}}
             for _ in range(repeats):  # interleaved, so a busy spell on the machine hits every loop
@@ -243,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{framework:5s} {model:10s} mlk {mlk_s * 1000:8.1f} ms/epoch   {label} {own_s * 1000:8.1f} "
                   f"ms/epoch   ratio {mlk_s / own_s:.3f} (checkpoint {ckpt_s * 1000:.1f} ms)", flush=True)
     result = {
-        "command": "python -m benchmarks.frameworks.keras_jax" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python -m benchmarks.frameworks.keras_jax", *(argv if argv is not None else sys.argv[1:])]),
         "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
         "versions": _versions(),

@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         loops = bench_loops(data, args.quick, repeats)
         ddp = [] if args.no_ddp else bench_ddp(data, args.quick, repeats)
     result = {
-        "command": "python -m benchmarks.frameworks.run" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python -m benchmarks.frameworks.run", *(argv if argv is not None else sys.argv[1:])]),
         "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "seconds": time.time() - started,
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
