@@ -201,7 +201,8 @@ IDIOMATIC: dict[str, dict[str, Any]] = {
 # -- the benchmark ----------------------------------------------------------------------------------
 
 
-def cases(root: Path, quick: bool, frameworks: tuple[str, ...] = ("keras", "jax")) -> list[tuple[str, str, dict[str, Any], int]]:
+def cases(root: Path, quick: bool,
+          frameworks: tuple[str, ...] = ("keras", "jax")) -> list[tuple[str, str, dict[str, Any], int]]:
     from benchmarks.frameworks.cifar_format import write_archive
 
     archive = write_archive(root / "cifar" / "cifar-10-python.tar.gz", per_batch=100 if quick else 250)
@@ -245,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{framework:5s} {model:10s} mlk {mlk_s * 1000:8.1f} ms/epoch   {label} {own_s * 1000:8.1f} "
                   f"ms/epoch   ratio {mlk_s / own_s:.3f} (checkpoint {ckpt_s * 1000:.1f} ms)", flush=True)
     result = {
-        "command": " ".join(["python -m benchmarks.frameworks.keras_jax", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python -m benchmarks.frameworks.keras_jax",
+                             *(argv if argv is not None else sys.argv[1:])]),
         "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
         "versions": _versions(),
