@@ -115,38 +115,44 @@ def build(framework: str, model: str, meta: dict[str, Any]) -> Any:
     return build_model(registry(), sections(framework, model, {})["model"], framework, meta)
 
 
-def keras_fit(model: str, data: dict[str, Any], epochs: int) -> dict[str, Any]:
+def keras_compiled(model: str, splits: Any) -> Any:
+    """The keras build of ``model``, seeded and compiled as mlk's keras trial compiles it."""
     import keras
 
-    splits = load(data)
     keras.utils.set_random_seed(0)
     net = build("keras", model, splits.meta)
     net.compile(optimizer=keras.optimizers.Adam(LR),
                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    return net
+
+
+def timed_fit(net: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """``net.fit(*args, **kwargs)`` with each epoch's end time taken."""
+    import keras
+
     ends: list[float] = []
     stamp = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: ends.append(time.time()))
-    history = net.fit(*splits.train, batch_size=BATCH, epochs=epochs, validation_data=splits.val,
-                      validation_batch_size=512, shuffle=True, callbacks=[stamp], verbose=0)
+    history = net.fit(*args, callbacks=[stamp], verbose=0, **kwargs)
     return {"epoch_s": epoch_seconds(ends), "val_accuracy": float(history.history["val_accuracy"][-1])}
+
+
+def keras_fit(model: str, data: dict[str, Any], epochs: int) -> dict[str, Any]:
+    """``model.fit`` on numpy arrays."""
+    splits = load(data)
+    return timed_fit(keras_compiled(model, splits), *splits.train, batch_size=BATCH, epochs=epochs,
+                     validation_data=splits.val, validation_batch_size=512, shuffle=True)
 
 
 def keras_fit_dataset(model: str, data: dict[str, Any], epochs: int) -> dict[str, Any]:
     """``model.fit`` on the usual ``tf.data`` pipeline (slices, shuffle each epoch, batch, prefetch)."""
-    import keras
     import tensorflow as tf
 
     splits = load(data)
-    keras.utils.set_random_seed(0)
-    net = build("keras", model, splits.meta)
-    net.compile(optimizer=keras.optimizers.Adam(LR),
-                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    net = keras_compiled(model, splits)
     n = len(splits.train[1])
     train = tf.data.Dataset.from_tensor_slices(splits.train).shuffle(n, seed=0).batch(BATCH).prefetch(tf.data.AUTOTUNE)
     val = tf.data.Dataset.from_tensor_slices(splits.val).batch(512)
-    ends: list[float] = []
-    stamp = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: ends.append(time.time()))
-    history = net.fit(train, epochs=epochs, validation_data=val, callbacks=[stamp], verbose=0)
-    return {"epoch_s": epoch_seconds(ends), "val_accuracy": float(history.history["val_accuracy"][-1])}
+    return timed_fit(net, train, epochs=epochs, validation_data=val)
 
 
 def jax_loop(model: str, data: dict[str, Any], epochs: int) -> dict[str, Any]:

@@ -24,11 +24,11 @@ pytest.importorskip("sklearn")
 
 from safetensors.torch import load_file  # noqa: E402
 from tests.conftest import mlk  # noqa: E402
+from tests.plugins.digits_trials import digits_task  # noqa: E402
 
 from mlk.distributed import Distributed, free_ports, layout  # noqa: E402
 from mlk.store import RunStore  # noqa: E402
-from mlk.testing import build_spec  # noqa: E402
-from mlk.trial import TrialResult, TrialTask, run_trial  # noqa: E402
+from mlk.trial import TrialResult, run_trial  # noqa: E402
 from mlk_plugins.frameworks.torch import TorchTrial, ddp  # noqa: E402
 
 #: Relative tolerance of two ranks against one on the same global batches: only the order of
@@ -84,22 +84,8 @@ class KilledRankTrial(DigestTrial):
 def run(home: Path, run_id: str, *, slots: int, target: int, trial: str | None = None, batch_size: int = 31,
         framework: str = "torch", attempt: int = 0) -> tuple[TrialResult, RunStore]:
     """One real trial request of the digits MLP (no dropout, so ranks draw nothing random)."""
-    fw: dict[str, Any] = {"name": framework, "optimizer": "adam", "lr": 0.01, "batch_size": batch_size}
-    if trial:
-        fw["trial"] = f"{__name__}:{trial}"
-    spec = build_spec({
-        "framework": fw, "data": {"name": "digits", "subset": 400},
-        "model": {"name": "digits_mlp", "hidden": 24, "dropout": 0.0},
-        "searcher": {"name": "single", "metric": "val_loss", "max_resource": 4},
-        "resources": {"slots_per_trial": slots},
-        "reproducibility": {"deterministic": True},
-    }, home)
-    store = RunStore(home)
-    if not any(r["id"] == run_id for r in store.runs()):
-        store.create_run(run_id, "ddp", spec.hash, spec.data)
-    store.upsert_trial(run_id, 1, {}, 4321, "running", target)
-    task = TrialTask(run_id=run_id, trial_id=1, hparams={}, seed=4321, target=target, spec=spec.data,
-                     home=str(home), threads=1, attempt=attempt)
+    task, store = digits_task(home, run_id, framework=framework, slots=slots, target=target, batch_size=batch_size,
+                              trial=f"{__name__}:{trial}" if trial else None, attempt=attempt)
     return run_trial(task), store
 
 

@@ -196,23 +196,11 @@ def test_two_processes_with_one_seed_report_identical_metrics(tmp_path: Path) ->
 
 def run_slots(home: Path, run_id: str, slots: int) -> tuple[Any, Any]:
     """Two epochs of the digits MLP (dropout on) with a global batch of 32 on ``slots`` rank processes."""
-    from mlk.store import RunStore
-    from mlk.testing import build_spec
+    from tests.plugins.digits_trials import digits_task
+
     from mlk.trial import run_trial
 
-    spec = build_spec({
-        "framework": {"name": "jax", "optimizer": "adam", "lr": 0.01, "batch_size": 32},
-        "data": {"name": "digits", "subset": 400},
-        "model": {"name": "digits_mlp", "hidden": 24, "dropout": 0.2},
-        "searcher": {"name": "single", "metric": "val_loss", "max_resource": 4},
-        "resources": {"slots_per_trial": slots},
-        "reproducibility": {"deterministic": True},
-    }, home)
-    store = RunStore(home)
-    store.create_run(run_id, "ddp", spec.hash, spec.data)
-    store.upsert_trial(run_id, 1, {}, 4321, "running", 2)
-    task = TrialTask(run_id=run_id, trial_id=1, hparams={}, seed=4321, target=2, spec=spec.data, home=str(home),
-                     threads=1)
+    task, store = digits_task(home, run_id, framework="jax", slots=slots, target=2, dropout=0.2)
     return run_trial(task), store
 
 

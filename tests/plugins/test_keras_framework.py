@@ -210,23 +210,9 @@ if result.error is not None:
 
 def slots_task(home: Path, run_id: str, slots: int) -> tuple[TrialTask, Any]:
     """Two epochs of the digits MLP (no dropout) with a global batch of 32 on ``slots`` processes."""
-    from mlk.store import RunStore
-    from mlk.testing import build_spec
+    from tests.plugins.digits_trials import digits_task
 
-    spec = build_spec({
-        "framework": {"name": "keras", "optimizer": "adam", "lr": 0.01, "batch_size": 32},
-        "data": {"name": "digits", "subset": 400},
-        "model": {"name": "digits_mlp", "hidden": 24, "dropout": 0.0},
-        "searcher": {"name": "single", "metric": "val_loss", "max_resource": 4},
-        "resources": {"slots_per_trial": slots},
-        "reproducibility": {"deterministic": True},
-    }, home)
-    store = RunStore(home)
-    store.create_run(run_id, "ddp", spec.hash, spec.data)
-    store.upsert_trial(run_id, 1, {}, 4321, "running", 2)
-    task = TrialTask(run_id=run_id, trial_id=1, hparams={}, seed=4321, target=2, spec=spec.data, home=str(home),
-                     threads=1)
-    return task, store
+    return digits_task(home, run_id, framework="keras", slots=slots, target=2)
 
 
 def run_ranks(task: TrialTask, folder: Path) -> list[dict[str, np.ndarray]]:

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 from mlk.compiler import Artifact, CompileInputs, Compiler, Runner, Unavailable
 from mlk.errors import MlkError, UserError
+from mlk_plugins._tensorflow import import_tensorflow
 from mlk_plugins.compilers.keras_export import (
     INPUT,
     ONNX_FILE,
@@ -33,7 +34,6 @@ from mlk_plugins.compilers.keras_export import (
     keras_to_onnx,
     tflite_artifact,
 )
-from mlk_plugins.compilers.tflite import _import_tensorflow
 
 #: Largest difference between the JAX model and its Keras twin that ``jax_onnx`` accepts.
 TWIN_TOLERANCE = 1e-4
@@ -56,7 +56,7 @@ class JaxTflite(NativeTflite):
                             "TensorFlow graph, which jax2tf's XlaCallModule op does not give",
                             where="compile.quantize", hint="use quantize: dynamic, or the tflite compiler "
                                                            "(through ONNX) for int8")
-        tf = _import_tensorflow()
+        tf = import_tensorflow()
         shape = [int(d) for d in source.meta["input_shape"]]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -84,7 +84,7 @@ class JaxOnnx(Compiler):
         return f"{self.name}: {source_format} -> onnx (opset {self.config.opset}, through the model's Keras twin)"
 
     def compile(self, source: Artifact, out: Path, inputs: CompileInputs) -> Artifact:
-        _import_tensorflow()
+        import_tensorflow()
         model = keras_twin(source, inputs.calibration)
         keras_to_onnx(model, out / ONNX_FILE, self.config.opset)
         artifact = source.derive("onnx", out, f"jax_onnx opset {self.config.opset} (keras twin)", file=ONNX_FILE,
@@ -111,8 +111,6 @@ def keras_twin(source: Artifact, probe: Any) -> Any:
 
     recipe = json.loads((source.path / MODULE).read_text())
     what = recipe["model"].get("name") or recipe["model"].get("_target_")
-    from mlk_plugins._tensorflow import import_tensorflow
-
     import_tensorflow()
     import keras
 

@@ -25,8 +25,9 @@ from pydantic import Field
 
 from mlk.compiler import Artifact, CompileConfig, CompileInputs, Compiler, Runner
 from mlk.errors import MlkError
+from mlk_plugins._tensorflow import import_tensorflow
 from mlk_plugins.compilers.tflite import FILE as TFLITE_FILE
-from mlk_plugins.compilers.tflite import TfliteCompiler, TfliteConfig, _calibration, _import_tensorflow, _inspect
+from mlk_plugins.compilers.tflite import TfliteCompiler, TfliteConfig, _calibration, _inspect
 
 ONNX_FILE = "model.onnx"
 INPUT, OUTPUT, BATCH = "x", "logits", "batch"
@@ -56,7 +57,7 @@ class KerasOnnx(Compiler):
     def compile(self, source: Artifact, out: Path, inputs: CompileInputs) -> Artifact:
         from mlk_plugins.frameworks.keras.artifacts import load_keras
 
-        _import_tensorflow()
+        import_tensorflow()
         keras_to_onnx(load_keras(source), out / ONNX_FILE, self.config.opset)
         artifact = source.derive("onnx", out, f"keras_onnx opset {self.config.opset}", file=ONNX_FILE,
                                  opset=self.config.opset, exporter="keras (tf2onnx)", input_name=INPUT,
@@ -74,7 +75,7 @@ def keras_to_onnx(model: Any, path: Path, opset: int) -> None:
     """Write the ``keras.Model`` ``model`` to ``path`` as checked ONNX (input ``x``, output ``logits``)."""
     import onnx
 
-    tf = _import_tensorflow()
+    tf = import_tensorflow()
     shape = [int(d) for d in model.inputs[0].shape[1:]]
     signature = [tf.TensorSpec([None, *shape], tf.float32, name=INPUT)]
     # tf2onnx's numpy deprecation notices and the exporter's listing of the traced endpoint
@@ -132,7 +133,7 @@ class KerasTflite(NativeTflite):
     def compile(self, source: Artifact, out: Path, inputs: CompileInputs) -> Artifact:
         from mlk_plugins.frameworks.keras.artifacts import load_keras
 
-        tf = _import_tensorflow()
+        tf = import_tensorflow()
         model = load_keras(source)
         with contextlib.redirect_stdout(io.StringIO()):  # Keras lists the endpoint it traces for the converter
             converter = tf.lite.TFLiteConverter.from_keras_model(model)
@@ -143,7 +144,7 @@ def function_converter(function: Any, folder: Path) -> Any:
     """A ``TFLiteConverter`` of the ``tf.function`` ``function`` (input signature set, no variables:
     jax2tf's functions hold their parameters as constants), through a SavedModel written to the
     empty ``folder`` (kept until the conversion is done), as the ``tflite`` compiler does."""
-    tf = _import_tensorflow()
+    tf = import_tensorflow()
     holder = tf.Module()
     holder.serve = function
     tf.saved_model.save(holder, str(folder), signatures=function.get_concrete_function())
@@ -155,7 +156,7 @@ def convert(converter: Any, quantize: str, calibration: Any) -> bytes:
     the inputs in the dataset's layout that calibrate ``int8``)."""
     import numpy as np
 
-    tf = _import_tensorflow()
+    tf = import_tensorflow()
     if quantize != "none":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if calibration is not None:
@@ -176,7 +177,7 @@ def tflite_artifact(compiler: NativeTflite, source: Artifact, out: Path, inputs:
                     route: str) -> Artifact:
     """Convert with ``converter`` and ``compiler``'s quantisation settings and describe it as the ``tflite``
     compiler describes its artifacts."""
-    tf = _import_tensorflow()
+    tf = import_tensorflow()
     cfg = compiler.config
     calibration = None
     if cfg.quantize == "int8":

@@ -21,6 +21,7 @@ from pydantic import Field
 
 from mlk.compiler import Artifact, CompileConfig, CompileInputs, Compiler, Runner
 from mlk.errors import MlkError, UserError
+from mlk_plugins._tensorflow import import_tensorflow
 
 FILE = "model.tflite"
 #: onnx2tf asks for this many sample images when it wants some (see ``_offline_samples``).
@@ -56,7 +57,7 @@ class TfliteCompiler(Compiler):
         calibration = None
         if cfg.quantize == "int8":
             calibration = _calibration(inputs.calibration, shape, cfg.calibration_size)
-        tf = _import_tensorflow()
+        tf = import_tensorflow()
         with tempfile.TemporaryDirectory(prefix="mlk-onnx2tf-") as tmp:
             keras_model = _onnx_to_keras(source.file, Path(tmp), shape, calibration)
             saved = Path(tmp) / "saved_model"
@@ -127,12 +128,6 @@ class TfliteCompiler(Compiler):
             return np.concatenate(parts)
 
         return run
-
-
-def _import_tensorflow() -> Any:
-    from mlk_plugins._tensorflow import import_tensorflow
-
-    return import_tensorflow()
 
 
 def _calibration(data: Any, shape: list[int], size: int) -> Any:

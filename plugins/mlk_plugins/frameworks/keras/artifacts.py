@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlk.compiler import Artifact
 from mlk.errors import MlkError
+from mlk_plugins._tensorflow import import_tensorflow
 
 if TYPE_CHECKING:
     from mlk.trial import TrialContext
@@ -20,15 +21,9 @@ if TYPE_CHECKING:
 FILE = "model.keras"
 
 
-def _tf() -> Any:
-    from mlk_plugins._tensorflow import import_tensorflow
-
-    return import_tensorflow()
-
-
 def export_trial(ctx: TrialContext, config: KerasConfig, resource: int, out: Path) -> Artifact:
     """The trial's model at its checkpoint ``resource`` as a keras artifact (framework ``export``)."""
-    _tf()
+    import_tensorflow()
     from mlk_plugins.frameworks.keras._impl import build_keras_model, load_model_weights
 
     data = ctx.load_data()
@@ -51,7 +46,7 @@ def export_trial(ctx: TrialContext, config: KerasConfig, resource: int, out: Pat
 
 def load_keras(artifact: Artifact) -> Any:
     """The ``keras.Model`` of a keras artifact."""
-    _tf()
+    import_tensorflow()
     import keras
 
     if not artifact.file.is_file():
@@ -61,7 +56,7 @@ def load_keras(artifact: Artifact) -> Any:
 
 def inference_function(model: Any, input_shape: list[int]) -> Any:
     """``model`` in inference mode as a ``tf.function`` over float32 batches of any size, input ``x``."""
-    tf = _tf()
+    tf = import_tensorflow()
     spec = tf.TensorSpec([None, *(int(d) for d in input_shape)], tf.float32, name="x")
     return tf.function(lambda x: model(x, training=False), input_signature=[spec], autograph=False)
 
@@ -70,7 +65,7 @@ def runner(artifact: Artifact, threads: int) -> Any:
     """Inference on a keras artifact: numpy batch in, numpy logits out."""
     import numpy as np
 
-    tf = _tf()
+    tf = import_tensorflow()
     try:
         tf.config.threading.set_intra_op_parallelism_threads(max(1, threads))
         tf.config.threading.set_inter_op_parallelism_threads(1)
