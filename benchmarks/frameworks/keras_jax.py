@@ -4,15 +4,17 @@ For each framework and model (the digits MLP on sklearn's digits; the CIFAR CNN 
 image set in CIFAR-10's format, made from the digits by :mod:`benchmarks.frameworks.cifar_format`)
 it trains the same model, data, batch size and optimiser for ``EPOCHS`` epochs:
 
-- **mlk**: a trial through ``mlk.trial.run_trial`` (the framework plugin's loop: reporting to the
-  run store and a checkpoint through the storage plugin after every epoch);
+- **mlk**: a trial through ``mlk.trial.run_trial`` (:func:`benchmarks.frameworks.run.through_mlk`:
+  the framework plugin's loop, reporting to the run store every epoch and checkpointing when
+  ``ctx.checkpoint_due``, with the default policy once, at the request's target);
 - **idiomatic**: ``model.fit`` on numpy arrays and ``model.fit`` on a ``tf.data`` pipeline
   (slices, shuffle, batch, prefetch), with ``validation_data`` (keras); a plain loop over a
   ``jax.jit`` train step fed host batches, evaluating on val each epoch (jax). The ratio is taken
   against the fastest of a framework's loops.
 
 An epoch's time is the gap between consecutive epoch ends (so the first epoch, which compiles,
-is left out); each measurement is the median over epochs 2..E, and the runs are interleaved
+is left out); each measurement is the median over epochs 2..E (and the mean, which for mlk runs to
+the end of the final checkpoint), and the runs are interleaved
 (mlk, idiomatic, mlk, ...) ``REPEATS`` times, reporting the median. One thread for both sides.
 Run: ``python -m benchmarks.frameworks.keras_jax`` (``--quick`` for a smoke run).
 """
@@ -20,7 +22,6 @@ Run: ``python -m benchmarks.frameworks.keras_jax`` (``--quick`` for a smoke run)
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import platform
@@ -31,16 +32,24 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.frameworks.run import (
+    BATCH,
+    EPOCHS,
+    LR,
+    REPEATS,
+    THREADS,
+    build,
+    compare,
+    epoch_times,
+    load,
+    summary,
+    through_mlk,
+)
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results_keras_jax.json"
-THREADS = 1
-GOAL = 1.05
-EPOCHS = {"digits_mlp": 8, "cifar_cnn": 4}
-REPEATS = 3
-BATCH = 32
-LR = 1e-3
 
 
 def configure() -> None:
@@ -54,65 +63,7 @@ def configure() -> None:
     tf.config.threading.set_inter_op_parallelism_threads(1)
 
 
-def sections(framework: str, model: str, data: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "framework": {"name": framework, "optimizer": "adam", "lr": LR, "batch_size": BATCH},
-        "data": data,
-        "model": {"name": model, **({"dropout": 0.1} if model == "digits_mlp" else {})},
-        "searcher": {"name": "single", "metric": "val_loss", "max_resource": 100},
-    }
-
-
-def epoch_seconds(ends: list[float]) -> float:
-    """The median gap between consecutive epoch ends."""
-    return statistics.median(b - a for a, b in itertools.pairwise(ends))
-
-
-# -- mlk ------------------------------------------------------------------------------------------
-
-
-def through_mlk(framework: str, model: str, data: dict[str, Any], epochs: int) -> dict[str, Any]:
-    from mlk.store import RunStore
-    from mlk.testing import build_spec
-    from mlk.trial import TrialTask, run_trial
-
-    with tempfile.TemporaryDirectory(prefix="mlk-bench-fw-") as tmp:
-        home = Path(tmp)
-        spec = build_spec({**sections(framework, model, data), "reproducibility": {"deterministic": True}}, home)
-        store = RunStore(home)
-        store.create_run("bench", "bench", spec.hash, spec.data)
-        store.upsert_trial("bench", 1, {}, 0, "running", epochs)
-        task = TrialTask(run_id="bench", trial_id=1, hparams={}, seed=0, target=epochs, spec=spec.data,
-                         home=str(home), threads=THREADS)
-        result = run_trial(task)
-        if result.error:
-            raise RuntimeError(result.error)
-        ends = [r["time"] for r in store.db.execute(
-            "SELECT time FROM metrics WHERE run_id = 'bench' ORDER BY resource").fetchall()]
-        saved = [r["created"] for r in store.db.execute(
-            "SELECT created FROM checkpoints WHERE run_id = 'bench' ORDER BY resource").fetchall()]
-        store.close()
-    # From an epoch's report to its checkpoint row: writing, hashing and storing the checkpoint.
-    checkpoint_s = statistics.median(b - a for a, b in zip(ends, saved))
-    return {"epoch_s": epoch_seconds(ends), "checkpoint_s": checkpoint_s,
-            "val_accuracy": result.metrics["val_accuracy"]}
-
-
 # -- the frameworks' own loops --------------------------------------------------------------------
-
-
-def load(data: dict[str, Any]) -> Any:
-    from mlk.registry import registry
-    from mlk.trial import load_dataset
-
-    return load_dataset(registry(), data)
-
-
-def build(framework: str, model: str, meta: dict[str, Any]) -> Any:
-    from mlk.registry import registry
-    from mlk.trial import build_model
-
-    return build_model(registry(), sections(framework, model, {})["model"], framework, meta)
 
 
 def keras_compiled(model: str, splits: Any) -> Any:
@@ -133,7 +84,7 @@ def timed_fit(net: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
     ends: list[float] = []
     stamp = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: ends.append(time.time()))
     history = net.fit(*args, callbacks=[stamp], verbose=0, **kwargs)
-    return {"epoch_s": epoch_seconds(ends), "val_accuracy": float(history.history["val_accuracy"][-1])}
+    return {**epoch_times(ends), "val_accuracy": float(history.history["val_accuracy"][-1])}
 
 
 def keras_fit(model: str, data: dict[str, Any], epochs: int) -> dict[str, Any]:
@@ -194,7 +145,7 @@ def jax_loop(model: str, data: dict[str, Any], epochs: int) -> dict[str, Any]:
             params, opt_state, _ = train_step(params, opt_state, x[idx], y[idx], sub)
         accuracy = sum(int(correct(params, xv[i:i + 512], yv[i:i + 512])) for i in range(0, len(yv), 512)) / len(yv)
         ends.append(time.time())
-    return {"epoch_s": epoch_seconds(ends), "val_accuracy": accuracy}
+    return {**epoch_times(ends), "val_accuracy": accuracy}
 
 
 #: Each framework's own loops; the fastest one is the reference of the ratio.
@@ -239,18 +190,15 @@ def main(argv: list[str] | None = None) -> int:
                 for name, loop in loops.items():
                     runs[name].append(loop(model, data, epochs))
             medians = {name: statistics.median(r["epoch_s"] for r in rs) for name, rs in runs.items()}
-            mlk_s = medians.pop("mlk")
+            mlk_runs = runs.pop("mlk")
+            del medians["mlk"]
             label = min(medians, key=lambda name: medians[name])
-            own_s = medians[label]
-            ckpt_s = statistics.median(r["checkpoint_s"] for r in runs["mlk"])
             row = {"framework": framework, "model": model, "dataset": data["name"], "idiomatic": label,
                    "epochs": epochs, "repeats": repeats, "batch_size": BATCH, "threads": THREADS,
-                   "mlk_epoch_s": mlk_s, "idiomatic_epoch_s": own_s, "ratio": mlk_s / own_s,
-                   "mlk_checkpoint_s": ckpt_s, "ratio_without_checkpoint": (mlk_s - ckpt_s) / own_s,
-                   "idiomatic_epoch_s_each": medians, "goal": GOAL, "met": mlk_s / own_s <= GOAL, "runs": runs}
+                   **compare(mlk_runs, runs[label]), "idiomatic_epoch_s_each": medians,
+                   "runs": {"mlk": mlk_runs, **runs}}
             rows.append(row)
-            print(f"{framework:5s} {model:10s} mlk {mlk_s * 1000:8.1f} ms/epoch   {label} {own_s * 1000:8.1f} "
-                  f"ms/epoch   ratio {mlk_s / own_s:.3f} (checkpoint {ckpt_s * 1000:.1f} ms)", flush=True)
+            print(f"{framework:5s} {model:10s} {summary(row)}", flush=True)
     result = {
         "command": " ".join(["python -m benchmarks.frameworks.keras_jax",
                              *(argv if argv is not None else sys.argv[1:])]),

@@ -3,7 +3,8 @@
 The kernel hands :meth:`Framework.train` a :class:`mlk.trial.TrialContext`. The framework builds
 data, model and optimiser from the context's resolved sections, restores the trial's latest
 checkpoint if there is one, trains epoch by epoch up to ``ctx.target``, and after each epoch
-calls ``ctx.report(epoch, metrics)`` and saves a checkpoint through ``ctx.save_checkpoint``.
+calls ``ctx.report(epoch, metrics)`` and, when ``ctx.checkpoint_due(epoch)``, saves a checkpoint
+through ``ctx.save_checkpoint``.
 """
 
 from __future__ import annotations

@@ -79,6 +79,9 @@ class StorageConfig(SectionConfig):
 
     name: str = Field("local", description="which plugin of the mlk.storage group stores files")
     keep: KeepConfig = Field(default_factory=lambda: KeepConfig())
+    checkpoint_every_s: float = Field(
+        30.0, ge=0, description="seconds between a trial's checkpoints within one request; a trial also "
+        "saves when it reaches the searcher's target and when asked to stop (0 = every epoch)")
 
 
 class ValidateConfig(BaseModel):

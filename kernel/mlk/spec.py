@@ -453,7 +453,8 @@ def recorded_spec_path(run: dict[str, Any]) -> Path:
 # -- changes between two specs -------------------------------------------------------------------
 
 #: Top-level key paths a resumed run may change without invalidating its trials.
-SAFE_CHANGES = ("description", "resources.", "storage.keep.", "compile", "deploy", "plugins.")
+SAFE_CHANGES = ("description", "resources.", "storage.keep.", "storage.checkpoint_every_s", "compile", "deploy",
+                "plugins.")
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -128,7 +128,10 @@ class TrialContext:
         self.model = bind_hparams(task.spec.get("model"), self.hparams, "model")
         self.metric = task.spec["searcher"]["metric"]
         self.mode = task.spec["searcher"].get("mode", "min")
-        self.keep = task.spec.get("storage", {}).get("keep", {})
+        storage_spec = task.spec.get("storage", {})
+        self.keep = storage_spec.get("keep", {})
+        self.checkpoint_every_s = float(storage_spec.get("checkpoint_every_s", 30.0))
+        self._last_save = time.monotonic()  # the request's start counts as the last save
         self.store = store
         self.storage = storage
         self.hooks = hooks
@@ -208,6 +211,18 @@ class TrialContext:
 
     # -- checkpoints ----------------------------------------------------------------------------
 
+    def checkpoint_due(self, epoch: int) -> bool:
+        """Whether the loop should save a checkpoint after ``epoch``: at the request's target (the
+        searcher continues or promotes from there), when asked to stop, and otherwise once
+        ``storage.checkpoint_every_s`` seconds have passed since the last save (0: every epoch).
+
+        A crash loses at most that many seconds of training. Ranks of a data-parallel trial may see
+        different clocks: agree on the answer across ranks (any rank due) before saving.
+        """
+        if epoch >= self.target or self.should_stop() or self.checkpoint_every_s <= 0:
+            return True
+        return time.monotonic() - self._last_save >= self.checkpoint_every_s
+
     @contextmanager
     def save_checkpoint(self, resource: int, meta: dict[str, Any] | None = None) -> Iterator[Path]:
         """Yield an empty folder; what is written there becomes this trial's checkpoint at ``resource``.
@@ -234,6 +249,7 @@ class TrialContext:
                                             uri=self.storage.uri(prefix))
             self._apply_retention()
         finally:
+            self._last_save = time.monotonic()
             shutil.rmtree(tmp, ignore_errors=True)
 
     @contextmanager

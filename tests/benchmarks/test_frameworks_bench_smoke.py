@@ -14,9 +14,9 @@ from benchmarks.frameworks import run as bench
 MISSING = [m for m in ("torch", "pytorch_lightning", "sklearn", "safetensors") if importlib.util.find_spec(m) is None]
 
 
-def test_epoch_seconds_is_the_median_gap() -> None:
-    assert bench.epoch_seconds([10.0, 11.0, 13.0, 14.0]) == 1.0
-    assert bench.epoch_seconds([0.0, 2.0]) == 2.0
+def test_epoch_times_are_the_median_gap_and_the_mean_to_the_finish() -> None:
+    assert bench.epoch_times([10.0, 11.0, 13.0, 14.0]) == {"epoch_s": 1.0, "mean_epoch_s": 4.0 / 3}
+    assert bench.epoch_times([0.0, 2.0], finished=3.0) == {"epoch_s": 2.0, "mean_epoch_s": 3.0}
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,8 @@ def test_quick_run_measures_every_case(result: dict[str, Any], capsys: pytest.Ca
         assert row["mlk_epoch_s"] > 0 and row["idiomatic_epoch_s"] > 0
         assert row["ratio"] == pytest.approx(row["mlk_epoch_s"] / row["idiomatic_epoch_s"])
         assert row["met"] == (row["ratio"] <= bench.GOAL)
+        assert row["mean_ratio"] == pytest.approx(row["mlk_mean_epoch_s"] / row["idiomatic_mean_epoch_s"])
+        assert row["mlk_checkpoint_s"] > 0
         for side in ("mlk", "idiomatic"):
             assert len(row["runs"][side]) == row["repeats"] == 1
             assert all(0.0 <= r["val_accuracy"] <= 1.0 for r in row["runs"][side])
@@ -49,10 +51,10 @@ def test_quick_run_measures_every_case(result: dict[str, Any], capsys: pytest.Ca
 
 def test_table_formats_rows() -> None:
     loop = {"framework": "torch", "model": "digits_mlp", "mlk_epoch_s": 0.2, "idiomatic": "plain torch loop",
-            "idiomatic_epoch_s": 0.19, "ratio": 0.2 / 0.19, "met": False}
+            "idiomatic_epoch_s": 0.19, "ratio": 0.2 / 0.19, "met": False, "mean_ratio": 1.1}
     ddp = {"framework": "torch", "model": "cifar_cnn", "examples_per_s_1": 100.0, "examples_per_s_2": 180.0,
            "speedup": 1.8}
     text: str = bench.table({"loops": [loop], "ddp": [ddp]})
-    assert "| torch | digits_mlp | 0.200 | plain torch loop | 0.190 | 1.053 | no |" in text
+    assert "| torch | digits_mlp | 0.200 | plain torch loop | 0.190 | 1.053 | no | 1.100 |" in text
     assert "| torch | cifar_cnn | 100 | 180 | 1.80x | 2x |" in text
 

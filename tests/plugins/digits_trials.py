@@ -22,6 +22,8 @@ def digits_task(home: Path, run_id: str, *, framework: str, slots: int, target: 
         "model": {"name": "digits_mlp", "hidden": 24, "dropout": dropout},
         "searcher": {"name": "single", "metric": "val_loss", "max_resource": 4},
         "resources": {"slots_per_trial": slots},
+        # A save every epoch: a trial killed in epoch e resumes from e - 1.
+        "storage": {"name": "local", "path": str(home / "store"), "checkpoint_every_s": 0},
         "reproducibility": {"deterministic": True},
     }, home)
     store = RunStore(home)

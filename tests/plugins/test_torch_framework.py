@@ -13,7 +13,6 @@ import pickle
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -241,8 +240,8 @@ def test_training_on_digits_learns(harness: Harness) -> None:
     assert metrics[3]["val_loss"] < metrics[1]["val_loss"]
     assert ctx.last_resource == 3
     assert torch.get_num_threads() == ctx.threads
-    # Every epoch reported and checkpointed, in that order; retention kept the latest and the best.
-    assert harness.log.events == [(kind, 0, e) for e in (1, 2, 3) for kind in ("reported", "checkpoint")]
+    # Every epoch reported; the checkpoint was due at the target only (storage.checkpoint_every_s).
+    assert harness.log.events == [("reported", 0, 1), ("reported", 0, 2), ("reported", 0, 3), ("checkpoint", 0, 3)]
     assert [c["resource"] for c in harness.store.checkpoints("run", 0)] == [3]
     files = set(harness.store.checkpoints("run", 0)[0]["manifest"]["files"])
     assert files == {"model.safetensors", "optimizer.safetensors", "optimizer.json", "trial.json"}
@@ -397,14 +396,12 @@ def write_tiny_cifar(folder: Path, per_batch: int = 20) -> None:
 def test_cifar_cnn_trains_an_epoch_with_augmentation(harness: Harness, tmp_path: Path) -> None:
     write_tiny_cifar(tmp_path / "cifar" / "cifar-10-batches-py")
     augment = {"width_shift": 0.125, "height_shift": 0.125, "horizontal_flip": True}
-    started = time.perf_counter()
     ctx = harness.context(
         target=1, framework={"batch_size": 16, "lr": 0.001},
         data={"name": "cifar10", "path": str(tmp_path / "cifar"), "download": False, "augment": augment},
         model={"name": "cifar_cnn"},
     )
     harness.train(ctx)
-    assert time.perf_counter() - started < 10
     metrics = harness.metrics("run")[1]
     assert all(math.isfinite(v) for v in metrics.values())
     assert 0.0 <= metrics["val_accuracy"] <= 1.0

@@ -60,6 +60,18 @@ class FrameworkContract:
         assert result.resource == 2 and result.value == reports[-1]["metrics"][metric]
         assert [c["resource"] for c in store.checkpoints("a", 1)] == [2]
 
+    def test_saves_when_checkpoint_due(self, tmp_path: Path) -> None:
+        """``storage.checkpoint_every_s``: 0 saves every epoch; a long interval saves only at the
+        request's target (retention keeps them all here, so every save shows)."""
+        keep = {"trial_latest": 10, "trial_best": 0}
+        storage = {"name": "local", "path": str(tmp_path / "store"), **self.sections.get("storage", {}),
+                   "keep": keep}
+        _, store = self.run(tmp_path, "every", target=3, sections={"storage": {**storage, "checkpoint_every_s": 0}})
+        assert [c["resource"] for c in store.checkpoints("every", 1)] == [1, 2, 3]
+        _, store = self.run(tmp_path, "due", target=3, sections={"storage": {**storage, "checkpoint_every_s": 3600}})
+        assert [c["resource"] for c in store.checkpoints("due", 1)] == [3]
+        assert [r["resource"] for r in store.metrics("due", 1)] == [1, 2, 3]
+
     def test_resume_continues_from_checkpoint_bit_identically(self, tmp_path: Path) -> None:
         self.run(tmp_path, "split", target=1)
         _, store = self.run(tmp_path, "split", target=3)

@@ -10,7 +10,7 @@ from mlk.trial import TrialContext
 
 
 def counter(ctx: TrialContext) -> None:
-    """Loss = (x - 0.5)^2 + 1/epoch + a seeded jitter; checkpoints its epoch count."""
+    """Loss = (x - 0.5)^2 + 1/epoch + a seeded jitter; checkpoints its epoch count when due."""
     x = float(ctx.hparams.get("x", 0.0))
     start = 0
     with ctx.restore_checkpoint() as restored:
@@ -20,8 +20,9 @@ def counter(ctx: TrialContext) -> None:
     for epoch in range(start + 1, ctx.target + 1):
         jitter = random.Random(ctx.epoch_seed(epoch)).random() * 1e-3
         ctx.report(epoch, {"loss": (x - 0.5) ** 2 + 1.0 / epoch + jitter})
-        with ctx.save_checkpoint(epoch) as folder:
-            (folder / "state.json").write_text(json.dumps({"epoch": epoch}))
+        if ctx.checkpoint_due(epoch):
+            with ctx.save_checkpoint(epoch) as folder:
+                (folder / "state.json").write_text(json.dumps({"epoch": epoch}))
 
 
 def die(ctx: TrialContext) -> None:

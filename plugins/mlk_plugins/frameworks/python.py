@@ -2,7 +2,8 @@
 
 The function gets the :class:`mlk.trial.TrialContext` and does everything itself: reads
 ``ctx.hparams``, trains from ``ctx.restore_checkpoint()`` up to ``ctx.target``, calls
-``ctx.report(epoch, metrics)`` and saves with ``ctx.save_checkpoint(epoch)``::
+``ctx.report(epoch, metrics)`` each epoch and saves with ``ctx.save_checkpoint(epoch)`` when
+``ctx.checkpoint_due(epoch)``::
 
     framework: {name: python, function: "my_pkg.train:trial"}
 """

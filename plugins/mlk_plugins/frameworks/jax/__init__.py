@@ -42,8 +42,8 @@ class JaxFramework(Framework):
     shift, horizontal flip) from that epoch's key folded with the step number, so a resumed trial
     is bit-identical to an uninterrupted one. The train step (loss, gradients, optax update) and
     the evaluation step are ``jax.jit``-compiled. After each epoch it reports ``train_loss``,
-    ``val_loss`` and ``val_accuracy`` and checkpoints parameters and optimiser state as ``.npz``
-    + JSON through ``ctx.save_checkpoint`` (no pickle).
+    ``val_loss`` and ``val_accuracy`` and, when ``ctx.checkpoint_due``, checkpoints parameters
+    and optimiser state as ``.npz`` + JSON through ``ctx.save_checkpoint`` (no pickle).
 
     With ``resources.slots_per_trial: N`` the trial runs on N processes joined by
     ``jax.distributed``: parameters replicated, each global batch split in N shards, gradients

@@ -55,5 +55,11 @@ class DataParallel:
         if not (gathered == gathered[0]).all():
             raise MlkError(f"the {what} of the {self.size} ranks differ: data-parallel replicas diverged")
 
+    def any_rank_each(self, flags: list[bool]) -> list[bool]:
+        """Each of ``flags`` true on every rank when true on any: ranks decide together to stop or
+        to save, so none is left alone in a collective."""
+        gathered = np.asarray(multihost_utils.process_allgather(np.array(flags, dtype=np.int32)))
+        return [bool(v) for v in gathered.reshape(self.size, len(flags)).any(axis=0)]
+
     def shutdown(self) -> None:
         jax.distributed.shutdown()

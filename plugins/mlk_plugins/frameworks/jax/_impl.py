@@ -276,7 +276,8 @@ class JaxTrial:
         return {f"{split}_loss": loss / n, f"{split}_accuracy": correct / n}
 
     def run(self) -> None:
-        """Restore the latest checkpoint; then train, report and checkpoint each epoch to ``ctx.target``."""
+        """Restore the latest checkpoint; then train and report each epoch to ``ctx.target``, checkpointing
+        when ``ctx.checkpoint_due``."""
         ctx = self.ctx
         self.setup()
         start = self.restore()
@@ -287,12 +288,18 @@ class JaxTrial:
         for epoch in range(start + 1, ctx.target + 1):
             metrics = {"train_loss": self.train_epoch(epoch), **self.evaluate("val")}
             ctx.report(epoch, metrics)
-            with ctx.save_checkpoint(epoch, meta={"framework": "jax"}) as folder:
-                self.save(folder)
-            if ctx.should_stop():
+            stop, due = self.agree(ctx.should_stop(), ctx.checkpoint_due(epoch))
+            if due or stop:
+                with ctx.save_checkpoint(epoch, meta={"framework": "jax"}) as folder:
+                    self.save(folder)
+            if stop:
                 break
         if self.parallel is not None:
             self.parallel.shutdown()
+
+    def agree(self, *flags: bool) -> list[bool]:
+        """``flags`` as every rank of a data-parallel trial sees them (each true when true on any rank)."""
+        return self.parallel.any_rank_each(list(flags)) if self.parallel is not None else list(flags)
 
     # -- checkpoints ------------------------------------------------------------------------------
 

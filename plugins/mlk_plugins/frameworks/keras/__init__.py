@@ -41,8 +41,9 @@ class KerasFramework(Framework):
     Input is a ``tf.data`` pipeline: each epoch's shuffle order comes from ``ctx.epoch_seed`` and
     its augmentation (``data.augment``: width/height shift, horizontal flip) from stateless random
     ops keyed by that seed and the batch index; dropout is reseeded from it when the epoch begins.
-    A callback reports ``train_loss``, ``val_loss`` and ``val_accuracy`` after each epoch and saves
-    weights and optimiser variables as ``.npz`` + JSON through ``ctx.save_checkpoint`` (no pickle).
+    A callback reports ``train_loss``, ``val_loss`` and ``val_accuracy`` after each epoch and, when
+    ``ctx.checkpoint_due``, saves weights and optimiser variables as ``.npz`` + JSON through
+    ``ctx.save_checkpoint`` (no pickle).
     With ``reproducibility.deterministic`` TensorFlow's op determinism is on, and a resumed trial
     is bit-identical to an uninterrupted one.
 

@@ -92,9 +92,10 @@ class DataParallel:
                                      axis=None)
         return [float(v) for v in total.numpy()]
 
-    def any_rank(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is true on any: ranks decide together to stop."""
-        return self.sum_over_ranks([1.0 if flag else 0.0])[0] > 0
+    def any_rank_each(self, flags: list[bool]) -> list[bool]:
+        """Each of ``flags`` true on every rank when true on any (one collective for all of them):
+        ranks decide together to stop or to save."""
+        return [v > 0 for v in self.sum_over_ranks([1.0 if f else 0.0 for f in flags])]
 
     def share_first(self, variables: list[Any]) -> None:
         """Give every rank rank 0's values of ``variables`` (as torch's DDP does with its buffers).

@@ -245,21 +245,23 @@ class KerasTrial:
             generator.state.assign(np.array([derive_seed(seed, "layer", i), 0], dtype=generator.state.dtype))
 
     def end_epoch(self, epoch: int, logs: dict[str, Any]) -> bool:
-        """Report the epoch's metrics and checkpoint; True when the trial should stop now."""
+        """Report the epoch's metrics and checkpoint when due; True when the trial should stop now."""
         metrics = {"train_loss": logs["loss"], "val_loss": logs["val_loss"], "val_accuracy": logs["val_accuracy"]}
         self.ctx.report(epoch, metrics)
-        with self.ctx.save_checkpoint(epoch, meta={"framework": "keras"}) as folder:
-            self.save(folder)
-        return self.should_stop()
+        stop, due = self.agree(self.ctx.should_stop(), self.ctx.checkpoint_due(epoch))
+        if due or stop:
+            with self.ctx.save_checkpoint(epoch, meta={"framework": "keras"}) as folder:
+                self.save(folder)
+        return stop
 
-    def should_stop(self) -> bool:
-        """``ctx.should_stop()``; in a data-parallel trial, decided by all ranks together (any rank
-        asked: every rank stops after this epoch), so none is left waiting in a collective."""
-        stop = self.ctx.should_stop()
-        return self.parallel.any_rank(stop) if self.parallel is not None else stop
+    def agree(self, *flags: bool) -> list[bool]:
+        """``flags`` as every rank of a data-parallel trial sees them (each true when true on any
+        rank), so all ranks stop or save together and none waits alone in a collective."""
+        return self.parallel.any_rank_each(list(flags)) if self.parallel is not None else list(flags)
 
     def run(self) -> None:
-        """Restore the latest checkpoint; then fit up to ``ctx.target``, reporting and saving each epoch."""
+        """Restore the latest checkpoint; then fit up to ``ctx.target``, reporting each epoch and saving
+        when ``ctx.checkpoint_due``."""
         self.setup()
         start = self.restore()
         if start >= self.ctx.target:  # a retry of a trial already at its target: nothing to train

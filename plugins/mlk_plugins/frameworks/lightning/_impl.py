@@ -235,8 +235,8 @@ class SafetensorsCheckpointIO(CheckpointIO):
 
 
 class MlkCallback(pl.callbacks.Checkpoint):
-    """Seeds each epoch, reports each epoch's metrics to mlk and saves the checkpoint through mlk's
-    storage; combines the ranks' gradients by their share of each global batch; stops when mlk
+    """Seeds each epoch, reports each epoch's metrics to mlk and, when due, saves the checkpoint
+    through mlk's storage; combines the ranks' gradients by their share of each global batch; stops when mlk
     asks (every rank together).
 
     A :class:`~pytorch_lightning.callbacks.Checkpoint`, so Lightning calls its ``on_train_epoch_end``
@@ -278,9 +278,10 @@ class MlkCallback(pl.callbacks.Checkpoint):
                    if isinstance(v, torch.Tensor) and v.numel() == 1}
         metrics.update(getattr(pl_module, "mlk_metrics", {}))
         self.ctx.report(epoch, metrics)
-        stop = trainer.strategy.reduce_boolean_decision(self.ctx.should_stop(), all=False)  # every rank
-        due = getattr(self.ctx, "checkpoint_due", None)  # a checkpoint policy, where the kernel has one
-        if due is None or due(epoch) or stop or epoch >= self.ctx.target:
+        # Every rank takes the same decisions (true when true on any rank).
+        stop = trainer.strategy.reduce_boolean_decision(self.ctx.should_stop(), all=False)
+        due = trainer.strategy.reduce_boolean_decision(self.ctx.checkpoint_due(epoch), all=False)
+        if due or stop:
             with self.ctx.save_checkpoint(epoch, meta={"framework": "lightning"}) as folder:
                 trainer.save_checkpoint(str(folder / CHECKPOINT))  # every rank: it ends in a barrier
                 if self.ctx.is_main:

@@ -279,7 +279,8 @@ class TorchTrial:
         return {f"{split}_{k}": (v / total if total else float("nan")) for k, v in zip(keys, sums)}
 
     def run(self) -> None:
-        """Restore the latest checkpoint; then train, report and checkpoint each epoch to ``ctx.target``."""
+        """Restore the latest checkpoint; then train and report each epoch to ``ctx.target``, checkpointing
+        when ``ctx.checkpoint_due``."""
         ctx = self.ctx
         self.setup()
         start = self.restore()
@@ -287,16 +288,17 @@ class TorchTrial:
         for epoch in range(start + 1, ctx.target + 1):
             metrics = {"train_loss": self.train_epoch(epoch), **self.evaluate_split("val")}
             ctx.report(epoch, metrics)
-            with ctx.save_checkpoint(epoch, meta={"framework": "torch"}) as folder:
-                self.save(folder)
-            if self.should_stop():
+            stop, due = self.agree(ctx.should_stop(), ctx.checkpoint_due(epoch))
+            if due or stop:
+                with ctx.save_checkpoint(epoch, meta={"framework": "torch"}) as folder:
+                    self.save(folder)
+            if stop:
                 break
 
-    def should_stop(self) -> bool:
-        """``ctx.should_stop()``; in a data-parallel trial, decided by all ranks together (any rank
-        asked: every rank stops after this epoch), so none is left waiting in a collective."""
-        stop = self.ctx.should_stop()
-        return ddp.any_rank(stop) if self.place is not None else stop
+    def agree(self, *flags: bool) -> list[bool]:
+        """``flags`` as every rank of a data-parallel trial sees them (each true when true on any
+        rank), so all ranks stop or save together and none waits alone in a collective."""
+        return ddp.any_rank_each(list(flags)) if self.place is not None else list(flags)
 
     def evaluate_checkpoint(self, split: str = "test") -> dict[str, float]:
         """Metrics on ``split`` of the trial's latest checkpoint (without training)."""

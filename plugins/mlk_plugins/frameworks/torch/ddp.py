@@ -99,11 +99,12 @@ def sum_over_ranks(values: list[float], device: torch.device | str | None = None
     return [float(v) for v in t]
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank when ``flag`` is true on any: ranks decide together to stop."""
-    t = torch.tensor([1.0 if flag else 0.0])
+def any_rank_each(flags: list[bool]) -> list[bool]:
+    """Each of ``flags`` true on every rank when true on any (one collective for all of them):
+    ranks decide together to stop or to save."""
+    t = torch.tensor([1.0 if f else 0.0 for f in flags])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return [bool(v > 0) for v in t.tolist()]
 
 
 def parameter_digest(model: torch.nn.Module) -> str:
