@@ -18,7 +18,8 @@ From the store the run is broken down over the search node's wall time W (``node
 - **pure training** = sum of ``train_s + eval_s`` over every epoch trained: what any tool has to
   spend to train and score these epochs;
 - **report + checkpoint** = time inside ``TorchTrial.run`` that is neither setup nor training:
-  ``ctx.report`` (a SQLite write) and saving each epoch's checkpoint (safetensors, checksums, the
+  ``ctx.report`` (a SQLite write) and saving a checkpoint when ``ctx.checkpoint_due`` (at each
+  request's target with the default ``storage.checkpoint_every_s``; safetensors, checksums, the
   retention policy);
 - **setup + restore** = ``setup_s`` of every request but each worker's first;
 - **worker warm-up** = from the search node's start to each worker's first request, plus that
@@ -36,13 +37,13 @@ warm-up and the tail (pure + report/checkpoint + setup + gaps, over pure); **sch
 = dispatch gaps / pure training. The goal is <= 5%.
 
 Cross-check: for every epoch that is not the first of its request, the gap between its metrics
-timestamp and the previous epoch's checkpoint timestamp (both written by the kernel) must be about
-``train_s + eval_s`` of that epoch; the median difference is reported (it holds the retention
-policy of the previous checkpoint and the loop's own bookkeeping). ``checkpoint_write_median_ms``
+timestamp and the previous epoch's (both written by the kernel) must be about ``train_s + eval_s``
+of that epoch; the median difference is reported (it holds the previous epoch's report, any
+checkpoint saved then, and the loop's own bookkeeping). ``checkpoint_write_median_ms``
 is the median time from an epoch's metrics row to its checkpoint row: writing the checkpoint.
 
-Steps after the search (``compile``, ``validate``) are switched off with ``compile=[]``: they are
-not part of the search.
+Steps after the search (``compile``, ``validate``, ``deploy``) are switched off with ``compile=[]``
+and ``deploy=[]``: they are not part of the search.
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ from typing import Any
 from mlk_plugins.frameworks.torch import TorchTrial
 
 TRIAL_CLASS = "benchmarks.search.live:TimedTrial"
-#: The search is what is measured: steps after it (compile, validate) are switched off.
-SEARCH_ONLY = ("compile=[]",)
+#: The search is what is measured: steps after it (compile, validate, deploy) are switched off.
+SEARCH_ONLY = ("compile=[]", "deploy=[]")
 DEFAULT_RUNS = (
     ("digits_hb", ()),
     ("digits_asha", ()),
@@ -204,8 +205,8 @@ def analyse(db_path: Path, run_id: str, workers: int) -> dict[str, Any]:
     for e in events:
         for i in range(1, len(e["epochs"])):
             ep = e["epochs"][i]
-            if (e["trial_id"], ep) in metrics and (e["trial_id"], ep - 1) in ckpts:
-                gap = metrics[(e["trial_id"], ep)] - ckpts[(e["trial_id"], ep - 1)]
+            if (e["trial_id"], ep) in metrics and (e["trial_id"], ep - 1) in metrics:
+                gap = metrics[(e["trial_id"], ep)] - metrics[(e["trial_id"], ep - 1)]
                 diffs.append(gap - e["train_s"][i] - e["eval_s"][i])
     return {
         "run_id": run_id, "workers": workers, "worker_processes": len(by_pid), "search_wall_s": wall,
@@ -226,6 +227,7 @@ def analyse(db_path: Path, run_id: str, workers: int) -> dict[str, Any]:
         "per_request_setup_ms": 1000 * (setup - first_setup) / max(1, len(events) - len(by_pid)),
         "per_request_gap_ms": 1000 * gaps / max(1, len(events) - len(by_pid)),
         "checkpoint_write_median_ms": 1000 * statistics.median(writes) if writes else None,
+        "checkpoints": len(writes),
         "timestamp_check_median_ms": 1000 * statistics.median(diffs) if diffs else None,
         "timestamp_check_epochs": len(diffs),
     }
