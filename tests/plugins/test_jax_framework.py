@@ -87,6 +87,9 @@ def test_padded_batches_cover_every_example_once() -> None:
     assert [len(i) for i, _ in batches] == [4, 4, 4]
     real = np.concatenate([i[m > 0] for i, m in batches])
     assert sorted(real.tolist()) == list(range(10)) and batches[-1][1].tolist() == [1, 1, 0, 0]
+    unpadded = padded_batches(np.arange(10, dtype=np.int32), 4, pad=False)
+    assert [i.tolist() for i, _ in unpadded] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert all(m.tolist() == [1.0] * len(i) for i, m in unpadded)
 
 
 def test_augmentation_shifts_and_flips_like_torch() -> None:

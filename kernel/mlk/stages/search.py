@@ -64,6 +64,7 @@ class SearchLoop:
         self.queue: list[TrialRequest] = []
         self.threads = _threads(ctx)
         self.max_resource = self.spec.searcher.max_resource
+        self.succeeded = False  # some trial completed or paused: the all-failing check is over
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -98,7 +99,8 @@ class SearchLoop:
         self.backend.submit(task)
         self.in_flight[req.trial_id] = req
 
-    def fill(self) -> None:
+    def fill(self) -> bool:
+        """Submit requests (queued first, then asked) while the backend has room; True if any was."""
         submitted = False
         while len(self.in_flight) < self.backend.capacity():
             if self.queue:
@@ -110,8 +112,7 @@ class SearchLoop:
                 req = asked
             self.submit(req)
             submitted = True
-        if submitted:  # once per pass: the state grows with the search, saving it is not free
-            self.save()
+        return submitted
 
     def handle(self, result: TrialResult, progress: SearchProgress) -> None:
         req = self.in_flight.pop(result.trial_id)
@@ -144,10 +145,12 @@ class SearchLoop:
 
     def check_not_all_failing(self) -> None:
         """Stop early when every trial so far failed: the cause is almost surely common to all."""
+        if self.succeeded:
+            return
         trials = self.store.trials(self.run_id)
         failed = [t for t in trials if t["status"] == "failed"]
-        succeeded = any(t["status"] in ("completed", "paused") for t in trials)
-        if len(failed) >= max(3, self.backend.capacity()) and not succeeded:
+        self.succeeded = any(t["status"] in ("completed", "paused") for t in trials)
+        if len(failed) >= max(3, self.backend.capacity()) and not self.succeeded:
             raise MlkError(f"all {len(failed)} trials so far failed; stopping the search. The last error:\n"
                            f"{failed[-1]['error']}")
 
@@ -159,8 +162,13 @@ class SearchLoop:
         self.backend.start()
         try:
             with progress:
+                results: list[TrialResult] = []
                 while True:
-                    self.fill()
+                    # One save per pass, after the results are told and the freed slots refilled: the
+                    # state grows with the search, so saving it is not free. A driver killed before the
+                    # save resubmits those requests; a trial already at its target trains nothing.
+                    if self.fill() or results:
+                        self.save()
                     if not self.in_flight:
                         if self.searcher.is_finished():
                             break
@@ -170,7 +178,6 @@ class SearchLoop:
                     for result in results:
                         self.handle(result, progress)
                     if results:
-                        self.save()
                         self.check_not_all_failing()
                     progress.refresh(len(self.in_flight))
         finally:

@@ -131,8 +131,8 @@ _STEPS: dict[Any, tuple[Any, Any]] = {}
 
 def train_step(model: nn.Module, tx: optax.GradientTransformation, augment: dict[str, Any] | None) -> Any:
     """One optimisation step on the examples ``idx`` of ``inputs``/``targets`` (on the device);
-    ``mask`` marks the real ones, so every batch has one shape (one compilation) and the last one is
-    padded. Dropout and augmentation draw from ``key`` folded with the step ``number``."""
+    ``mask`` marks the real ones (a data-parallel trial pads its last batch, so every batch splits
+    evenly over the ranks). Dropout and augmentation draw from ``key`` folded with the step ``number``."""
 
     def step(params: Any, opt_state: Any, inputs: Any, targets: Any, idx: Any, mask: Any, key: Any,
              number: Any) -> Any:
@@ -155,7 +155,7 @@ def train_step(model: nn.Module, tx: optax.GradientTransformation, augment: dict
 
 def eval_step(model: nn.Module) -> Any:
     """Summed loss and correct predictions over the examples ``idx`` of ``inputs``/``targets`` that
-    ``mask`` marks (the last batch is padded, so every batch has one shape)."""
+    ``mask`` marks."""
 
     def step(params: Any, inputs: Any, targets: Any, idx: Any, mask: Any) -> Any:
         x, y = inputs[idx], targets[idx]  # gathered inside the jitted call: eager indexing costs ms
@@ -166,13 +166,15 @@ def eval_step(model: nn.Module) -> Any:
     return step
 
 
-def padded_batches(order: np.ndarray, size: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``order`` in batches of exactly ``size`` indices, the last one padded, with masks of the real ones."""
+def padded_batches(order: np.ndarray, size: int, pad: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``order`` in batches of ``size`` indices with masks of the real ones. With ``pad`` the last
+    batch is padded to ``size`` (one shape: what a batch split over ranks needs); without, it keeps
+    its own size, which costs one more compilation but no computation on padding."""
     batches = []
     for start in range(0, len(order), size):
         idx = order[start:start + size]
-        mask = np.ones(size, np.float32)
-        if len(idx) < size:
+        mask = np.ones(size if pad else len(idx), np.float32)
+        if len(idx) < len(mask):
             mask[len(idx):] = 0.0
             idx = np.concatenate([idx, np.zeros(size - len(idx), idx.dtype)])
         batches.append((idx, mask))
@@ -243,7 +245,8 @@ class JaxTrial:
         order = np.random.default_rng(seed).permutation(n).astype(np.int32)
         key = jax.random.key(seed)
         losses, counts = [], []
-        for step, (idx, mask) in enumerate(padded_batches(order, self.config.batch_size)):
+        batches = padded_batches(order, self.config.batch_size, pad=self.parallel is not None)
+        for step, (idx, mask) in enumerate(batches):
             counts.append(float(mask.sum()))
             if self.parallel is not None:
                 idx, mask = self.parallel.shard(idx), self.parallel.shard(mask)
@@ -267,7 +270,7 @@ class JaxTrial:
         n = int(y.shape[0])
         loss, correct = 0.0, 0
         size = min(self.config.eval_batch_size, max(n, 1))
-        for idx, mask in padded_batches(np.arange(n, dtype=np.int32), size):
+        for idx, mask in padded_batches(np.arange(n, dtype=np.int32), size, pad=False):
             batch_loss, batch_correct = self._eval_step(self.local_params(), x, y, idx, mask)
             loss += float(batch_loss)
             correct += int(batch_correct)
