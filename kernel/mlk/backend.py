@@ -41,6 +41,12 @@ class Backend(Plugin):
         return {"backend": self.name, "max_concurrent_trials": self.config.max_concurrent_trials,
                 "slots_per_trial": self.config.slots_per_trial}
 
+    def prepare(self) -> None:
+        """Begin warming up without blocking (start worker processes importing
+        :attr:`preload_modules`, connect to a cluster...). Called on a throwaway instance when a run
+        starts, before the nodes ahead of the search, so the warm-up overlaps them; optional, and
+        nothing may depend on it having been called."""
+
     def start(self) -> None:
         """Acquire workers. Called once before the first :meth:`submit`."""
 

@@ -31,6 +31,10 @@ class Node:
         optional: inputs the node runs without when they do not complete (failed gates, unavailable
             here); which ones were missing joins its key, so it is not reused where they completed.
         describe: a line for ``mlk graph`` saying what it would do.
+        prepare: optional ``"module:function"`` called as ``function(node, ctx)`` when the run starts,
+            before any node executes, if this node has not completed in this run: it may begin slow
+            work that the nodes ahead of it can overlap (the search starts its workers' imports). It
+            must return at once and never matter for correctness; its errors are ignored.
     """
 
     id: str
@@ -41,6 +45,7 @@ class Node:
     volatile: bool = False
     optional: list[str] = field(default_factory=list)
     describe: str = ""
+    prepare: str = ""
     key: str = ""
 
 

@@ -90,6 +90,7 @@ def execute(spec: Spec, *, fresh: bool = False, quiet: bool = False, reproduces:
     deferred: list[str] = []        # failures that let independent nodes go on (gates)
     blocked: dict[str, str] = {}    # node id -> why it did not complete
     try:
+        _prepare(ctx)
         for node in graph.nodes:
             why = next((blocked[d] for d in node.inputs if d in blocked and d not in node.optional), None)
             if why is not None:
@@ -188,6 +189,20 @@ def _accept_changes(store: RunStore, previous: dict[str, Any], spec: Spec, reg: 
         from mlk.console import err_console
 
         err_console().print(f"continuing run {previous['id']} with: " + "; ".join(safe), highlight=False)
+
+
+def _prepare(ctx: RunContext) -> None:
+    """Call the ``prepare`` of every node not yet done in this run (see :class:`mlk.graph.Node`)."""
+    import logging
+
+    for node in ctx.graph.nodes:
+        mine = ctx.store.node(ctx.run_id, node.id)
+        if not node.prepare or (mine and mine["status"] == "done"):
+            continue
+        try:
+            import_object(node.prepare, where=f"run graph node '{node.id}'")(node, ctx)
+        except Exception as e:  # a head start only: the node itself reports what is wrong
+            logging.getLogger("mlk").debug("preparing %s failed: %s", node.id, e)
 
 
 def _run_node(ctx: RunContext, node: Node, reuse: bool) -> Any:

@@ -11,6 +11,7 @@ import os
 import time
 from typing import Any
 
+from mlk.backend import Backend
 from mlk.errors import MlkError, UserError
 from mlk.graph import Node
 from mlk.progress import SearchProgress
@@ -41,6 +42,22 @@ def _preload(reg: Any, spec: Any) -> tuple[str, ...]:
     return tuple(modules)
 
 
+def _backend(ctx: Any) -> Backend:
+    """The spec's backend, told which modules its workers should import first."""
+    reg = ctx.registry
+    backend_cls = reg.get("backends", ctx.spec.resources.backend, where="resources.backend")
+    backend_cls.ensure_available()
+    backend: Backend = backend_cls(ctx.spec.resources, ctx.store.home)
+    backend.preload_modules = _preload(reg, ctx.spec)
+    return backend
+
+
+def prepare(node: Node, ctx: Any) -> None:
+    """The search node's head start: the backend begins warming its workers (importing the
+    framework) while the data node runs (:meth:`mlk.backend.Backend.prepare`)."""
+    _backend(ctx).prepare()
+
+
 class SearchLoop:
     """Drives one search to the end; see the module docstring."""
 
@@ -54,10 +71,7 @@ class SearchLoop:
         searcher_cls = reg.get("searchers", self.spec.searcher.name, where="searcher.name")
         self.searcher: Searcher = searcher_cls(self.spec.searcher, self.spec.space,
                                                derive_seed(self.spec["seed"], "searcher"))
-        backend_cls = reg.get("backends", self.spec.resources.backend, where="resources.backend")
-        backend_cls.ensure_available()
-        self.backend = backend_cls(self.spec.resources, self.store.home)
-        self.backend.preload_modules = _preload(reg, self.spec)
+        self.backend = _backend(ctx)
         self.searcher.concurrency = self.backend.capacity()
         self.in_flight: dict[int, TrialRequest] = {}
         self.attempts: dict[int, int] = {}

@@ -53,15 +53,28 @@ class LocalBackend(Backend):
         return {**super().describe(), "start_method": self.config.start_method,
                 "workers": self.config.max_concurrent_trials}
 
+    def _context(self) -> Any:
+        ctx = mp.get_context(self.config.start_method)
+        if self.config.start_method == "forkserver":
+            # the framework and dataset modules too: imported once in the server, not once per worker
+            # (it reads this list when it starts: the first search of a driver process sets it)
+            ctx.set_forkserver_preload(["mlk.trial", "mlk.registry", "mlk.store", *self.preload_modules])
+        return ctx
+
     def _pool(self) -> ProcessPoolExecutor:
         if self.pool is None:
-            ctx = mp.get_context(self.config.start_method)
-            if self.config.start_method == "forkserver":
-                # the framework and dataset modules too: imported once here, not once per worker
-                ctx.set_forkserver_preload(["mlk.trial", "mlk.registry", "mlk.store", *self.preload_modules])
-            self.pool = ProcessPoolExecutor(max_workers=self.config.max_concurrent_trials, mp_context=ctx,
+            self.pool = ProcessPoolExecutor(max_workers=self.config.max_concurrent_trials, mp_context=self._context(),
                                             initializer=_worker_init, initargs=(os.getpid(),))
         return self.pool
+
+    def prepare(self) -> None:
+        """Start the fork server now: it imports the preload modules (torch, the dataset...) while
+        the driver goes on; the first workers then fork from it warm."""
+        if self.config.start_method == "forkserver":
+            from multiprocessing import forkserver
+
+            self._context()
+            forkserver.ensure_running()
 
     def start(self) -> None:
         self._pool()
