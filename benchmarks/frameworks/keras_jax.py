@@ -189,9 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs["mlk"].append(through_mlk(framework, model, data, epochs))
                 for name, loop in loops.items():
                     runs[name].append(loop(model, data, epochs))
-            medians = {name: statistics.median(r["epoch_s"] for r in rs) for name, rs in runs.items()}
             mlk_runs = runs.pop("mlk")
-            del medians["mlk"]
+            medians = {name: statistics.median(r["epoch_s"] for r in rs) for name, rs in runs.items()}
             label = min(medians, key=lambda name: medians[name])
             row = {"framework": framework, "model": model, "dataset": data["name"], "idiomatic": label,
                    "epochs": epochs, "repeats": repeats, "batch_size": BATCH, "threads": THREADS,

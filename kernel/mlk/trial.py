@@ -111,6 +111,7 @@ class TrialContext:
 
     def __init__(self, task: TrialTask, store: Any, storage: Any, hooks: Any,
                  distributed: Distributed | None = None) -> None:
+        from mlk.sections import StorageConfig
         from mlk.spec import bind_hparams
 
         self.task = task
@@ -130,7 +131,8 @@ class TrialContext:
         self.mode = task.spec["searcher"].get("mode", "min")
         storage_spec = task.spec.get("storage", {})
         self.keep = storage_spec.get("keep", {})
-        self.checkpoint_every_s = float(storage_spec.get("checkpoint_every_s", 30.0))
+        default_every = StorageConfig.model_fields["checkpoint_every_s"].default  # for specs recorded before it
+        self.checkpoint_every_s = float(storage_spec.get("checkpoint_every_s", default_every))
         self._last_save = time.monotonic()  # the request's start counts as the last save
         self.store = store
         self.storage = storage

@@ -16,9 +16,8 @@ def run(node: Node, ctx: Any) -> dict[str, Any]:
     metric, mode = node.config["metric"], node.config["mode"]
     ckpts = ctx.store.checkpoints(source_run)
     saved = {(c["trial_id"], c["resource"]): c for c in ckpts}
-    best = _best(ctx.store.metrics(source_run), metric, mode, saved)
-    if best is None:
-        best = _best(ctx.store.metrics(source_run), metric, mode, None)
+    reports = ctx.store.metrics(source_run)
+    best = _best(reports, metric, mode, saved) or _best(reports, metric, mode, None)
     if best is None:
         raise MlkError(f"no trial of run {source_run} reported '{metric}'; nothing to select")
     own = [c for c in ckpts if c["trial_id"] == best["trial_id"]]
