@@ -15,6 +15,7 @@ checked before anything runs by binding a probe configuration from the search sp
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -241,7 +242,12 @@ def _mentions_hp(e: BaseException | None) -> bool:
 
 
 def bind_hparams(section: Any, hparams: dict[str, Any], where: str) -> Any:
-    """``section`` with each ``${hp.NAME}`` replaced by the trial's value (types kept)."""
+    """``section`` with each ``${hp.NAME}`` replaced by the trial's value.
+
+    A string that is exactly one reference takes the value itself (its type kept: ``"${hp.lr}"``
+    becomes ``0.01``); a reference inside a longer string is replaced by the value's text. Runs
+    once per trial request in the worker, so it is a plain walk over the section.
+    """
     text = json.dumps(section)
     refs = set(HP_PATTERN.findall(text))
     if not refs:
@@ -250,11 +256,20 @@ def bind_hparams(section: Any, hparams: dict[str, Any], where: str) -> Any:
     if unknown:
         raise UserError(f"refers to hyperparameter '{unknown[0]}', which `hyperparameters` does not define",
                         where=where, choices=hparams, got=unknown[0])
-    from omegaconf import OmegaConf
+    return _bind(section, hparams)
 
-    cfg = OmegaConf.create({"hp": hparams, "section": section})
-    bound: Any = OmegaConf.to_container(cfg, resolve=True)
-    return bound["section"]
+
+def _bind(value: Any, hparams: dict[str, Any]) -> Any:
+    if isinstance(value, dict):
+        return {k: _bind(v, hparams) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_bind(v, hparams) for v in value]
+    if isinstance(value, str) and "${hp." in value:
+        whole = HP_PATTERN.fullmatch(value)
+        if whole:
+            return copy.deepcopy(hparams[whole.group(1)])
+        return HP_PATTERN.sub(lambda m: str(hparams[m.group(1)]), value)
+    return value
 
 
 def _restore_templates(validated: Any, original: Any) -> Any:

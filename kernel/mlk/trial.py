@@ -59,6 +59,7 @@ class TrialResult:
 
 
 _DATASETS: dict[str, Any] = {}
+_FLAGS_RECORDED: set[tuple[str, ...]] = set()
 _driver_gone = threading.Event()
 _busy = threading.Event()
 
@@ -355,8 +356,7 @@ def run_trial(task: TrialTask, distributed: Distributed | None = None) -> TrialR
             signal.signal(signal.SIGTERM, previous)
         flags = framework.determinism(ctx.deterministic)  # idempotent: reads back what training used
         if flags and ctx.is_main:
-            store.add_event(task.run_id, "framework_flags", {"trial_id": task.trial_id,
-                                                             "framework": fw_cls.name, "flags": flags})
+            _record_flags(store, task, fw_cls.name, flags)
         if not ctx.last_metrics:
             # Nothing left to train (the trial already reached its target before a restart): its
             # result is what it reported then.
@@ -375,6 +375,19 @@ def run_trial(task: TrialTask, distributed: Distributed | None = None) -> TrialR
         _busy.clear()
         if store is not None:
             store.close()
+
+
+def _record_flags(store: Any, task: TrialTask, framework: str, flags: dict[str, Any]) -> None:
+    """Record the framework's determinism flags in the run's provenance: once per run, framework and
+    flags in each process, not once per request (a write the next request would wait for)."""
+    import json
+
+    key = (task.home, task.run_id, framework, json.dumps(flags, sort_keys=True, default=str))
+    if key in _FLAGS_RECORDED:
+        return
+    store.add_event(task.run_id, "framework_flags", {"trial_id": task.trial_id, "framework": framework,
+                                                     "flags": flags})
+    _FLAGS_RECORDED.add(key)
 
 
 def _supervise(task: TrialTask, slots: int) -> TrialResult:

@@ -44,6 +44,15 @@ def test_bind_hparams_keeps_types() -> None:
         "lr": 0.5, "nested": {"sizes": [4, 3]}, "plain": 1}
 
 
+def test_bind_hparams_inside_text_and_values_are_copies() -> None:
+    hparams = {"act": "relu", "flip": True, "sizes": [8, 4]}
+    section = {"name": "net_${hp.act}_${hp.flip}", "sizes": "${hp.sizes}", "esc": "$5"}
+    bound = bind_hparams(section, hparams, "model")
+    assert bound == {"name": "net_relu_True", "sizes": [8, 4], "esc": "$5"}
+    bound["sizes"].append(2)
+    assert hparams["sizes"] == [8, 4] and section["sizes"] == "${hp.sizes}"
+
+
 def _error(args: list[str]) -> str:
     with pytest.raises(UserError) as info:
         load_spec(args)

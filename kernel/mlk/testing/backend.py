@@ -80,6 +80,20 @@ class BackendContract:
             backend.shutdown()
         assert second.error is None, second.error
 
+    def test_dead_worker_fails_only_its_own_task(self, tmp_path: Path) -> None:
+        backend, (spec, store) = self.setup_run(tmp_path, function="mlk.testing.trials:counter_after_pause")
+        die_spec = build_spec({"framework": {"name": "python", "function": "mlk.testing.trials:die"},
+                               "resources": {"backend": self.plugin, **self.resources}}, tmp_path)
+        backend.start()
+        try:
+            backend.submit(self.task(spec, store, 1))  # still running when trial 2's worker dies
+            backend.submit(self.task(die_spec, store, 2))
+            results = {r.trial_id: r for r in self.collect(backend, 2)}
+        finally:
+            backend.shutdown()
+        assert results[2].error and not results[2].user_error
+        assert results[1].error is None and results[1].resource == 2, results[1].error
+
     def test_trial_exception_is_reported_with_traceback(self, tmp_path: Path) -> None:
         backend, (spec, store) = self.setup_run(tmp_path, function="mlk.testing.trials:no_such_function")
         backend.start()

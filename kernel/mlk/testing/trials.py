@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 
 from mlk.trial import TrialContext
 
@@ -28,6 +29,12 @@ def counter(ctx: TrialContext) -> None:
 def die(ctx: TrialContext) -> None:
     """The worker process dies without a word, as under the OOM killer."""
     os._exit(9)
+
+
+def counter_after_pause(ctx: TrialContext) -> None:
+    """:func:`counter` after a 1 s pause: still running when a task submitted with it ends."""
+    time.sleep(1.0)
+    counter(ctx)
 
 
 def preloaded(ctx: TrialContext) -> None:

@@ -1,11 +1,14 @@
-"""``local``: trials in a pool of worker processes on this machine (the default backend).
+"""``local``: trials in worker processes on this machine (the default backend).
 
-Workers are forked from a clean fork server, reused across trials (a framework is imported once
-per worker, not once per trial), ignore Ctrl-C (the driver handles it) and are stopped with
-SIGTERM, which asks a running trial to save and return, then SIGKILL after a grace period.
-Each worker watches the driver's PID: if the driver is killed, the running trial stops after its
-epoch and the worker exits, so nothing is left behind.
-A worker that dies turns its task into a failed result; the pool is rebuilt for the next task.
+Each worker is a process with its own pipe to the driver: the driver sends a task down the pipe
+and reads the result back, with nothing in between (no queue threads), so a one-epoch request
+pays well under a millisecond for the round trip. Workers are forked from a clean fork server,
+reused across trials (a framework is imported once per worker, not once per trial), ignore
+Ctrl-C (the driver handles it) and are stopped with SIGTERM, which asks a running trial to save
+and return, then SIGKILL after a grace period. Each worker watches the driver's PID: if the
+driver is killed, the running trial stops after its epoch and the worker exits, so nothing is
+left behind. A worker that dies turns its own task, and only that one, into a failed result; a
+new worker takes its place at the next submit.
 """
 
 from __future__ import annotations
@@ -14,9 +17,8 @@ import multiprocessing as mp
 import os
 import signal
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor
-from concurrent.futures import wait as wait_futures
-from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as wait_ready
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +28,52 @@ from mlk.backend import Backend
 from mlk.sections import ResourcesConfig
 from mlk.trial import TrialResult, TrialTask, run_trial, watch_driver
 
+DIED = "the worker process running this trial died (killed, out of memory, or crashed)"
+
 
 class LocalResources(ResourcesConfig):
     start_method: str = Field("forkserver", description="multiprocessing start method: forkserver, spawn or fork")
     stop_grace_seconds: float = Field(10.0, ge=0, description="how long a stopped trial may take to save and exit")
 
 
-def _worker_init(driver_pid: int) -> None:
+def _serve(conn: Connection, driver_pid: int) -> None:
+    """A worker's life: run each task that comes down ``conn`` and send its result back; end when
+    the driver sends None or closes its end."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     watch_driver(driver_pid)
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        result = run_trial(task)
+        try:
+            conn.send(result)
+        except (BrokenPipeError, OSError):  # the driver is gone or gave up on this worker
+            return
+
+
+class _Worker:
+    """One worker process, the driver's end of its pipe, and the task it runs (None: idle)."""
+
+    def __init__(self, ctx: Any, driver_pid: int) -> None:
+        self.conn, child = ctx.Pipe(duplex=True)
+        self.process = ctx.Process(target=_serve, args=(child, driver_pid), name="mlk-worker")
+        self.process.start()
+        child.close()
+        self.task: TrialTask | None = None
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except OSError:
+            pass
 
 
 class LocalBackend(Backend):
-    """Up to ``max_concurrent_trials`` worker processes."""
+    """Up to ``max_concurrent_trials`` worker processes, each fed through its own pipe."""
 
     name = "local"
     Config = LocalResources
@@ -46,8 +81,8 @@ class LocalBackend(Backend):
     def __init__(self, config: LocalResources, home: Path) -> None:
         super().__init__(config, home)
         self.config: LocalResources = config
-        self.pool: ProcessPoolExecutor | None = None
-        self.futures: dict[Future[TrialResult], TrialTask] = {}
+        self.workers: list[_Worker] = []
+        self.pending: list[TrialTask] = []
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "start_method": self.config.start_method,
@@ -61,12 +96,6 @@ class LocalBackend(Backend):
             ctx.set_forkserver_preload(["mlk.trial", "mlk.registry", "mlk.store", *self.preload_modules])
         return ctx
 
-    def _pool(self) -> ProcessPoolExecutor:
-        if self.pool is None:
-            self.pool = ProcessPoolExecutor(max_workers=self.config.max_concurrent_trials, mp_context=self._context(),
-                                            initializer=_worker_init, initargs=(os.getpid(),))
-        return self.pool
-
     def prepare(self) -> None:
         """Start the fork server now: it imports the preload modules (torch, the dataset...) while
         the driver goes on; the first workers then fork from it warm."""
@@ -77,54 +106,91 @@ class LocalBackend(Backend):
             forkserver.ensure_running()
 
     def start(self) -> None:
-        self._pool()
+        """Start the workers, so their start-up overlaps the first asks."""
+        ctx = self._context()
+        while len(self.workers) < self.config.max_concurrent_trials:
+            self.workers.append(_Worker(ctx, os.getpid()))
 
     def submit(self, task: TrialTask) -> None:
-        try:
-            fut = self._pool().submit(run_trial, task)
-        except BrokenProcessPool:
-            self._discard_pool()
-            fut = self._pool().submit(run_trial, task)
-        self.futures[fut] = task
+        """Send ``task`` to an idle worker (starting one if fewer than ``max_concurrent_trials`` run);
+        when all are busy it waits in a queue for the next one to free up."""
+        self.pending.append(task)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        while self.pending:
+            worker = next((w for w in self.workers if w.task is None), None)
+            if worker is None:
+                if len(self.workers) >= self.config.max_concurrent_trials:
+                    return
+                worker = _Worker(self._context(), os.getpid())
+                self.workers.append(worker)
+            worker.task = self.pending.pop(0)
+            try:
+                worker.conn.send(worker.task)
+            except (BrokenPipeError, OSError):
+                pass  # the worker died while idle: wait() turns this task into a failed result
 
     def wait(self, timeout: float | None) -> list[TrialResult]:
-        if not self.futures:
+        busy = [w for w in self.workers if w.task is not None]
+        if not busy:
             return []
-        done, _ = wait_futures(list(self.futures), timeout=timeout, return_when=FIRST_COMPLETED)
+        waits: list[Any] = [w.conn for w in busy] + [w.process.sentinel for w in busy]
+        ready = set(wait_ready(waits, timeout=timeout))
         results = []
-        broken = False
-        for fut in done:
-            task = self.futures.pop(fut)
+        for w in busy:
+            if w.conn not in ready and w.process.sentinel not in ready:
+                continue
+            task, w.task = w.task, None
+            assert task is not None
             try:
-                results.append(fut.result())
-            except BrokenProcessPool:
-                broken = True
-                results.append(TrialResult(task.trial_id, 0, error="the worker process running this trial died "
-                                           "(killed, out of memory, or crashed)"))
-            except Exception as e:
-                results.append(TrialResult(task.trial_id, 0, error=f"{type(e).__name__}: {e}"))
-        if broken:
-            self._discard_pool()
+                results.append(w.conn.recv())  # a result sent just before the worker exited still counts
+            except (EOFError, OSError):
+                self._discard(w)
+                results.append(TrialResult(task.trial_id, 0, error=DIED))
+        self._dispatch()
         return results
 
-    def _discard_pool(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
-            self.pool = None
+    def _discard(self, worker: _Worker) -> None:
+        worker.close()
+        worker.process.join(1)
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join(5)
+        self.workers.remove(worker)
+
+    @staticmethod
+    def _drain(worker: _Worker, deadline: float) -> None:
+        """Read and drop the result a stopped worker sends after its save, then let it exit."""
+        while worker.process.is_alive() and time.time() < deadline:
+            if not worker.conn.poll(0.05):
+                continue
+            try:
+                worker.conn.recv()
+                worker.conn.send(None)
+            except (EOFError, OSError):
+                pass
+            return
 
     def shutdown(self) -> None:
-        pool, self.pool = self.pool, None
-        if pool is None:
-            return
-        procs = list(getattr(pool, "_processes", {}).values())
-        pool.shutdown(wait=False, cancel_futures=True)
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
+        """Idle workers are told to exit; running trials get SIGTERM (save and return), then
+        SIGKILL after ``stop_grace_seconds``."""
+        workers, self.workers = self.workers, []
+        self.pending.clear()
+        for w in workers:
+            if w.task is None:
+                try:
+                    w.conn.send(None)
+                except (BrokenPipeError, OSError):
+                    pass
+            elif w.process.is_alive():
+                w.process.terminate()
         deadline = time.time() + self.config.stop_grace_seconds
-        for p in procs:
-            p.join(max(0.0, deadline - time.time()))
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-        self.futures.clear()
+        for w in workers:
+            if w.task is not None:
+                self._drain(w, deadline)
+            w.process.join(max(0.0, deadline - time.time()))
+            if w.process.is_alive():
+                w.process.kill()
+                w.process.join(5)
+            w.close()
