@@ -2,7 +2,8 @@
 
 It holds runs, their graph nodes, trials, per-epoch metrics, checkpoints, artifacts and events,
 and the model registry's tables (``model_*``, used by :mod:`mlk.deployments`). Every table is
-created with ``IF NOT EXISTS``, so opening an older store adds the tables it lacks.
+created with ``IF NOT EXISTS``, in one transaction, so opening an older store adds the tables it
+lacks and a reader never sees half a schema.
 Trial processes write their own metrics and checkpoints, so every connection sets a generous
 busy timeout and every write is one short transaction. Files (checkpoints, artifacts) live in
 the storage plugin's place; the store records their URIs and checksums.
@@ -157,7 +158,8 @@ class RunStore:
         self.db.execute("PRAGMA busy_timeout = 60000")
         self.db.execute("PRAGMA journal_mode = WAL")
         self.db.execute("PRAGMA synchronous = NORMAL")
-        self.db.executescript(SCHEMA)
+        # all tables in one transaction: a reader that opens the file meanwhile sees none or all
+        self.db.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}COMMIT;")
 
     def close(self) -> None:
         self.db.close()

@@ -98,8 +98,13 @@ def test_sigkill_mid_search_resumes_without_redoing_work(workdir: Path, quad_spe
     home = workdir / ".mlk"
     deadline = time.time() + 120
     while time.time() < deadline:
+        rows = []
         if (home / "mlk.db").exists():
-            rows = _metric_rows(home)
+            try:
+                rows = _metric_rows(home)
+            except sqlite3.OperationalError:  # the file is there, its tables not yet
+                pass
+        if rows:
             done = {t for t, r, *_ in rows if r == 3}
             if len(done) >= 2 and len(rows) > 6:
                 break
