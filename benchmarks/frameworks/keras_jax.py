@@ -15,7 +15,7 @@ it trains the same model, data, batch size and optimiser for ``EPOCHS`` epochs:
 An epoch's time is the gap between consecutive epoch ends (so the first epoch, which compiles,
 is left out); each measurement is the median over epochs 2..E (and the mean, which for mlk runs to
 the end of the final checkpoint), and the runs are interleaved
-(mlk, idiomatic, mlk, ...) ``REPEATS`` times, reporting the median. One thread for both sides.
+(mlk, idiomatic, mlk, ...) ``REPEATS[model]`` times, reporting the median. One thread for both sides.
 Run: ``python -m benchmarks.frameworks.keras_jax`` (``--quick`` for a smoke run).
 """
 
@@ -179,11 +179,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="which frameworks to measure (default both)")
     args = parser.parse_args(argv)
     configure()
-    repeats = 1 if args.quick else REPEATS
     rows = []
     with tempfile.TemporaryDirectory(prefix="mlk-bench-data-") as tmp:
         for framework, model, data, epochs in cases(Path(tmp), args.quick, tuple(args.frameworks)):
             loops = IDIOMATIC[framework]
+            repeats = 1 if args.quick else REPEATS[model]
             runs: dict[str, list[dict[str, Any]]] = {"mlk": [], **{name: [] for name in loops}}
             for _ in range(repeats):  # interleaved, so a busy spell on the machine hits every loop
                 runs["mlk"].append(through_mlk(framework, model, data, epochs))

@@ -244,7 +244,7 @@ def test_training_on_digits_learns(harness: Harness) -> None:
     assert harness.log.events == [("reported", 0, 1), ("reported", 0, 2), ("reported", 0, 3), ("checkpoint", 0, 3)]
     assert [c["resource"] for c in harness.store.checkpoints("run", 0)] == [3]
     files = set(harness.store.checkpoints("run", 0)[0]["manifest"]["files"])
-    assert files == {"model.safetensors", "optimizer.safetensors", "optimizer.json", "trial.json"}
+    assert files == {"model.safetensors", "optimizer.safetensors"}
 
 
 def test_resumed_trial_is_bit_identical(harness: Harness) -> None:
@@ -256,6 +256,42 @@ def test_resumed_trial_is_bit_identical(harness: Harness) -> None:
     assert sorted(split) == [1, 2, 3, 4]
     assert split == straight
     assert harness.model_sha("split") == harness.model_sha("straight")
+
+
+def test_checkpoint_of_an_earlier_version_still_loads(harness: Harness, tmp_path: Path) -> None:
+    """Earlier versions kept the optimiser skeleton and the trial info in optimizer.json and trial.json."""
+    from safetensors import safe_open
+
+    ctx = harness.context(target=2, trial_id=0)
+    harness.train(ctx)
+    with ctx.restore_checkpoint() as found:
+        assert found is not None
+        folder, _ = found
+        new = tmp_path / "new"
+        shutil.copytree(folder, new)
+    old = tmp_path / "old"
+    old.mkdir()
+    for name, key, legacy in (("model.safetensors", "mlk.trial", "trial.json"),
+                              ("optimizer.safetensors", "mlk.optimizer", "optimizer.json")):
+        with safe_open(str(new / name), framework="pt") as f:
+            (old / legacy).write_text(f.metadata()[key])
+        save_file(load_file(str(new / name)), str(old / name))  # without the metadata
+
+    def loaded(folder: Path, trial_id: int, lr: float) -> Any:
+        other = harness.context(target=3, trial_id=trial_id, hparams={"lr": lr})
+        trial = trial_for(other, harness.framework(other).config)
+        trial.setup()
+        trial.load(folder)
+        return trial
+
+    for trial_id, lr in ((0, 0.01), (5, 0.002)):  # same trial: its own settings; another: keeps its lr
+        a, b = loaded(new, trial_id, lr), loaded(old, trial_id, lr)
+        assert a.optimizer.param_groups[0]["lr"] == b.optimizer.param_groups[0]["lr"] == lr
+        assert a.optimizer.state and len(a.optimizer.state) == len(b.optimizer.state)
+        for pa, pb in zip(a.module.state_dict().values(), b.module.state_dict().values()):
+            assert torch.equal(pa, pb)
+        for sa, sb in zip(a.optimizer.state.values(), b.optimizer.state.values()):
+            assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def test_deterministic_runs_repeat_and_seeds_matter(harness: Harness) -> None:
