@@ -3,7 +3,8 @@
 It holds runs, their graph nodes, trials, per-epoch metrics, checkpoints, artifacts and events,
 and the model registry's tables (``model_*``, used by :mod:`mlk.deployments`). Every table is
 created with ``IF NOT EXISTS``, in one transaction, so opening an older store adds the tables it
-lacks and a reader never sees half a schema.
+lacks and a reader never sees half a schema; the database's ``user_version`` holds a checksum of the
+schema, so opening an up-to-date store (every trial request does) writes nothing.
 Trial processes write their own metrics and checkpoints, so every connection sets a generous
 busy timeout and every write is one short transaction. Files (checkpoints, artifacts) live in
 the storage plugin's place; the store records their URIs and checksums.
@@ -15,6 +16,7 @@ import json
 import os
 import sqlite3
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -136,6 +138,9 @@ CREATE TABLE IF NOT EXISTS model_monitor (
 CREATE INDEX IF NOT EXISTS model_monitor_by_name ON model_monitor (name, id);
 """
 
+#: Changes whenever SCHEMA does; stored as the database's ``user_version``.
+SCHEMA_VERSION = zlib.crc32(SCHEMA.encode()) & 0x7FFFFFFF
+
 
 def mlk_home() -> Path:
     """``MLK_HOME``, or ``./.mlk`` of the working directory."""
@@ -158,8 +163,10 @@ class RunStore:
         self.db.execute("PRAGMA busy_timeout = 60000")
         self.db.execute("PRAGMA journal_mode = WAL")
         self.db.execute("PRAGMA synchronous = NORMAL")
-        # all tables in one transaction: a reader that opens the file meanwhile sees none or all
-        self.db.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}COMMIT;")
+        # The schema's checksum is the database's user_version: an up-to-date store is one read away,
+        # and a new or older one gets all its tables in one transaction (a reader sees none or all).
+        if self.db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+            self.db.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}PRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
 
     def close(self) -> None:
         self.db.close()

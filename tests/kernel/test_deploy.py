@@ -152,6 +152,7 @@ def test_tables_are_added_to_a_store_made_before_them(tmp_path: Path) -> None:
     db = sqlite3.connect(tmp_path / "mlk.db")
     for table in ("model_versions", "model_routing", "model_history", "model_monitor"):
         db.execute(f"DROP TABLE {table}")
+    db.execute("PRAGMA user_version = 0")  # what a store of an earlier version holds
     db.commit()
     db.close()
     reg = Registry(tmp_path)
