@@ -117,6 +117,9 @@ def test_compile_chain_is_planned_by_format_validated_and_reused(workdir: Path, 
     for r in reports.values():
         assert set(r["latency"]) == {"1", "16"} and r["latency"]["1"]["p50_ms"] > 0
         assert r["size_bytes"] > 0 and r["peak_rss_mb"] > 0 and r["gates"]["passed"]
+    # the exported model is measured once and shared: both reports hold the very same timings
+    assert exact["reference_latency"] == half["reference_latency"]
+    assert exact["reference_accuracy"] == half["reference_accuracy"]
     text = mlk("runs", "show", show["id"], cwd=workdir, env=compilers).stdout
     assert "artifacts" in text and "compile/fp16" in text
     plots = mlk("runs", "plot", show["id"], "--out", str(workdir / "figs"), cwd=workdir, env=compilers)

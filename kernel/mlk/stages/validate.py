@@ -4,12 +4,15 @@ On the held-out split (``validate.split``) the artifact's accuracy is compared w
 model's (the reference), outputs are compared on fixed inputs, and latency (p50/p99 at each of
 ``validate.batch_sizes``, with ``validate.threads`` threads), throughput, size on disk and peak
 memory are measured. Each runtime runs in a fresh process, so its peak memory is its own and a
-crashing runtime cannot take the run down. The spec's gates fail the node with a report naming
-the gate and the margin; the run goes on with the other artifacts and fails at the end.
+crashing runtime cannot take the run down. The reference is measured once per exported model,
+data and settings in a driver process and shared by the run's validate nodes (one process less per
+node after the first). The spec's gates fail the node with a report naming the gate and the margin;
+the run goes on with the other artifacts and fails at the end.
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import resource
 import shutil
@@ -102,6 +105,29 @@ def in_child(*args: Any) -> dict[str, Any]:
         return pool.submit(measure, *args).result()
 
 
+#: Measurements of the reference (the exported model), by :func:`_reference_key`: every validate node
+#: of a run compares against the same export, so one spawned process measures it for all of them.
+_REFERENCES: dict[str, dict[str, Any]] = {}
+
+
+def _reference_key(ctx: Any, cfg: dict[str, Any]) -> str:
+    """What the reference's measurement depends on: the exported files (their checksums), the data and
+    split, the framework, and the measurement settings."""
+    settings = {k: cfg[k] for k in ("split", "compare_inputs", "threads", "batch_sizes", "warmup", "repeats")}
+    return json.dumps([ctx.outputs["export"]["manifest"], ctx.spec["data"], ctx.spec["framework"]["name"],
+                       settings], sort_keys=True, default=str)
+
+
+def _reference(ctx: Any, cfg: dict[str, Any], common: tuple[Any, ...], work: Path) -> dict[str, Any]:
+    key = _reference_key(ctx, cfg)
+    if key not in _REFERENCES:
+        ref_art = fetch_artifact(ctx, ctx.outputs["export"], work / "reference")
+        if len(_REFERENCES) >= 4:
+            _REFERENCES.clear()
+        _REFERENCES[key] = in_child("framework", ctx.spec["framework"]["name"], str(ref_art.path), *common, True)
+    return _REFERENCES[key]
+
+
 def _accuracy(logits: Any, y: Any) -> float:
     return float((logits.argmax(axis=1) == y).mean())
 
@@ -115,11 +141,10 @@ def run(node: Node, ctx: Any) -> dict[str, Any]:
     x = np.ascontiguousarray(x, dtype=np.float32)
     work = Path(tempfile.mkdtemp(prefix="mlk-validate-"))
     try:
-        ref_art = fetch_artifact(ctx, ctx.outputs["export"], work / "reference")
         art_out = ctx.outputs[node.config["artifact"]]
         art = fetch_artifact(ctx, art_out, work / "artifact")
         common = (x, cfg["compare_inputs"], cfg["threads"], cfg["batch_sizes"], cfg["warmup"], cfg["repeats"])
-        ref = in_child("framework", ctx.spec["framework"]["name"], str(ref_art.path), *common, True)
+        ref = _reference(ctx, cfg, common, work)
         got = in_child("compiler", node.config["compiler"], str(art.path), *common, True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
