@@ -11,7 +11,6 @@ here is left out rather than blocking the deployment of the others.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -28,9 +27,6 @@ from mlk.trial import derive_seed
 
 #: Training inputs the drift reference is computed on (at most).
 REFERENCE_EXAMPLES = 2000
-#: The trained model's outputs for the drift reference, by export (its checksums), data, framework and
-#: threads: a run's deploy nodes share one spawned process.
-_DRIFT_OUTPUTS: dict[str, Any] = {}
 
 
 def plan_deploys(spec: Any, reg: Any, steps: list[Step]) -> list[Node]:
@@ -179,7 +175,7 @@ def _inputs(node: Node, ctx: Any, validation: dict[str, Any], work: Path) -> Dep
     """The dataset, the drift reference (training inputs and the trained model's outputs on them),
     labels and validation reports."""
     from mlk.drift import reference_stats
-    from mlk.stages.validate import in_child
+    from mlk.stages.validate import measure_export
 
     cfg = node.config["validate"]
     splits = best_trial_context(ctx).load_data() if ctx.spec["data"] is not None else None
@@ -189,14 +185,8 @@ def _inputs(node: Node, ctx: Any, validation: dict[str, Any], work: Path) -> Dep
         import numpy as np
 
         x = np.ascontiguousarray(splits.train[0][:REFERENCE_EXAMPLES], dtype=np.float32)
-        key = json.dumps([ctx.outputs[EXPORT]["manifest"], ctx.spec["data"], ctx.spec["framework"]["name"],
-                          cfg["threads"]], sort_keys=True, default=str)
-        if key not in _DRIFT_OUTPUTS:
-            export = fetch_artifact(ctx, ctx.outputs[EXPORT], work / "reference")
-            _DRIFT_OUTPUTS.clear()
-            _DRIFT_OUTPUTS[key] = in_child("framework", ctx.spec["framework"]["name"], str(export.path), x, 1,
-                                           cfg["threads"], [], 0, 1, False)["outputs"]
-        reference = reference_stats(x, _DRIFT_OUTPUTS[key], layout=splits.meta.get("layout"))
+        got = measure_export(ctx, f"train[:{REFERENCE_EXAMPLES}]", work, x, 1, cfg["threads"], [], 0, 1, False)
+        reference = reference_stats(x, got["outputs"], layout=splits.meta.get("layout"))
         classes = splits.meta.get("classes")
         labels = [str(c) for c in classes] if classes else None
     return DeployInputs(data=splits, reference=reference, labels=labels, threads=cfg["threads"],

@@ -105,27 +105,24 @@ def in_child(*args: Any) -> dict[str, Any]:
         return pool.submit(measure, *args).result()
 
 
-#: Measurements of the reference (the exported model), by :func:`_reference_key`: every validate node
-#: of a run compares against the same export, so one spawned process measures it for all of them.
-_REFERENCES: dict[str, dict[str, Any]] = {}
+#: Measurements of the run's exported model by :func:`measure_export`'s key: a run's validate nodes
+#: compare against the same export, and its deploy nodes take the same drift reference.
+_EXPORT_MEASUREMENTS: dict[str, dict[str, Any]] = {}
 
 
-def _reference_key(ctx: Any, cfg: dict[str, Any]) -> str:
-    """What the reference's measurement depends on: the exported files (their checksums), the data and
-    split, the framework, and the measurement settings."""
-    settings = {k: cfg[k] for k in ("split", "compare_inputs", "threads", "batch_sizes", "warmup", "repeats")}
-    return json.dumps([ctx.outputs["export"]["manifest"], ctx.spec["data"], ctx.spec["framework"]["name"],
-                       settings], sort_keys=True, default=str)
-
-
-def _reference(ctx: Any, cfg: dict[str, Any], common: tuple[Any, ...], work: Path) -> dict[str, Any]:
-    key = _reference_key(ctx, cfg)
-    if key not in _REFERENCES:
-        ref_art = fetch_artifact(ctx, ctx.outputs["export"], work / "reference")
-        if len(_REFERENCES) >= 4:
-            _REFERENCES.clear()
-        _REFERENCES[key] = in_child("framework", ctx.spec["framework"]["name"], str(ref_art.path), *common, True)
-    return _REFERENCES[key]
+def measure_export(ctx: Any, inputs: str, work: Path, x: Any, *settings: Any) -> dict[str, Any]:
+    """:func:`in_child` on the run's exported model with ``x`` (named by ``inputs``, e.g. the split)
+    and ``settings`` (``compare, threads, batch_sizes, warmup, repeats, timing``), measured once per
+    driver process for the same export (its checksums), data, framework, inputs and settings."""
+    framework = ctx.spec["framework"]["name"]
+    key = json.dumps([ctx.outputs["export"]["manifest"], ctx.spec["data"], framework, inputs, settings],
+                     sort_keys=True, default=str)
+    if key not in _EXPORT_MEASUREMENTS:
+        export = fetch_artifact(ctx, ctx.outputs["export"], work / "reference")
+        if len(_EXPORT_MEASUREMENTS) >= 4:
+            _EXPORT_MEASUREMENTS.clear()
+        _EXPORT_MEASUREMENTS[key] = in_child("framework", framework, str(export.path), x, *settings)
+    return _EXPORT_MEASUREMENTS[key]
 
 
 def _accuracy(logits: Any, y: Any) -> float:
@@ -143,9 +140,9 @@ def run(node: Node, ctx: Any) -> dict[str, Any]:
     try:
         art_out = ctx.outputs[node.config["artifact"]]
         art = fetch_artifact(ctx, art_out, work / "artifact")
-        common = (x, cfg["compare_inputs"], cfg["threads"], cfg["batch_sizes"], cfg["warmup"], cfg["repeats"])
-        ref = _reference(ctx, cfg, common, work)
-        got = in_child("compiler", node.config["compiler"], str(art.path), *common, True)
+        settings = (cfg["compare_inputs"], cfg["threads"], cfg["batch_sizes"], cfg["warmup"], cfg["repeats"], True)
+        ref = measure_export(ctx, f"split {cfg['split']}", work, x, *settings)
+        got = in_child("compiler", node.config["compiler"], str(art.path), x, *settings)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if "unavailable" in got:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from mlk.errors import UserError
 from mlk.trial import derive_seed
@@ -345,14 +345,15 @@ class TorchTrial:
         if not (folder / MODEL_FILE).is_file():
             raise UserError(f"checkpoint of trial {self.ctx.trial_id} has no {MODEL_FILE}; "
                             "it was not written by the torch framework", where="framework.name")
-        self.module.load_state_dict(load_file(str(folder / MODEL_FILE)))
-        skeleton = _json_meta(folder / OPTIMIZER_TENSORS, OPTIMIZER_META, folder / OPTIMIZER_JSON)
+        weights, model_meta = _read_safetensors(folder / MODEL_FILE)
+        self.module.load_state_dict(weights)
+        has_tensors = (folder / OPTIMIZER_TENSORS).is_file()
+        tensors, optimizer_meta = _read_safetensors(folder / OPTIMIZER_TENSORS) if has_tensors else ({}, {})
+        skeleton = _json_meta(optimizer_meta, OPTIMIZER_META, folder / OPTIMIZER_JSON)
         if skeleton is not None:
             fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-            has_tensors = (folder / OPTIMIZER_TENSORS).is_file()
-            tensors = load_file(str(folder / OPTIMIZER_TENSORS)) if has_tensors else {}
             self.optimizer.load_state_dict(unflatten_state(skeleton, tensors))
-            info = _json_meta(folder / MODEL_FILE, TRIAL_META, folder / TRIAL_JSON) or {}
+            info = _json_meta(model_meta, TRIAL_META, folder / TRIAL_JSON) or {}
             if info.get("trial_id") != self.ctx.trial_id:
                 for group, own in zip(self.optimizer.param_groups, fresh):
                     group.update(own)
@@ -371,14 +372,17 @@ class TorchTrial:
         return augment_settings(self.ctx.data, self.meta)
 
 
-def _json_meta(tensors_file: Path, key: str, legacy: Path) -> Any:
-    """The JSON stored under ``key`` in a safetensors file's metadata, or (a checkpoint of an earlier
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A safetensors file's tensors and metadata, in one read."""
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+
+
+def _json_meta(metadata: dict[str, str], key: str, legacy: Path) -> Any:
+    """The JSON under ``key`` in a safetensors file's ``metadata``, or (a checkpoint of an earlier
     version) in the ``legacy`` file; None when neither holds it."""
-    if tensors_file.is_file():
-        with safe_open(str(tensors_file), framework="pt") as f:
-            text = (f.metadata() or {}).get(key)
-        if text is not None:
-            return json.loads(text)
+    if key in metadata:
+        return json.loads(metadata[key])
     return json.loads(legacy.read_text()) if legacy.is_file() else None
 
 
