@@ -12,10 +12,12 @@ it trains the same model, data, batch size and optimiser for ``EPOCHS`` epochs:
   ``jax.jit`` train step fed host batches, evaluating on val each epoch (jax). The ratio is taken
   against the fastest of a framework's loops.
 
-An epoch's time is the gap between consecutive epoch ends (so the first epoch, which compiles,
-is left out); each measurement is the median over epochs 2..E (and the mean, which for mlk runs to
-the end of the final checkpoint), and the runs are interleaved
-(mlk, idiomatic, mlk, ...) ``REPEATS[model]`` times, reporting the median. One thread for both sides.
+Each own loop runs in lockstep with its own mlk trial (:mod:`benchmarks.frameworks.lockstep`: an
+mlk epoch, then an epoch of the own loop, ..., the sides swapping places every repeat),
+``REPEATS[model]`` times; an epoch's time is from
+its side's turn to its end, the first epoch (which compiles) left out. Reported as in
+:mod:`benchmarks.frameworks.run`: medians, their ratio, and the paired ratio over every epoch pair,
+on which the goal is judged. One thread for both sides.
 Run: ``python -m benchmarks.frameworks.keras_jax`` (``--quick`` for a smoke run).
 """
 
@@ -38,12 +40,13 @@ from benchmarks.frameworks.run import (
     LR,
     REPEATS,
     THREADS,
+    Stamp,
     build,
     compare,
     epoch_times,
+    in_lockstep,
     load,
     summary,
-    through_mlk,
 )
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -77,24 +80,24 @@ def keras_compiled(model: str, splits: Any) -> Any:
     return net
 
 
-def timed_fit(net: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """``net.fit(*args, **kwargs)`` with each epoch's end time taken."""
+def timed_fit(net: Any, *args: Any, stamp: Stamp = time.time, **kwargs: Any) -> dict[str, Any]:
+    """``net.fit(*args, **kwargs)`` with each epoch's end time taken by ``stamp``."""
     import keras
 
     ends: list[float] = []
-    stamp = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: ends.append(time.time()))
-    history = net.fit(*args, callbacks=[stamp], verbose=0, **kwargs)
+    callback = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: ends.append(stamp()))
+    history = net.fit(*args, callbacks=[callback], verbose=0, **kwargs)
     return {**epoch_times(ends), "val_accuracy": float(history.history["val_accuracy"][-1])}
 
 
-def keras_fit(model: str, data: dict[str, Any], epochs: int) -> dict[str, Any]:
+def keras_fit(model: str, data: dict[str, Any], epochs: int, stamp: Stamp = time.time) -> dict[str, Any]:
     """``model.fit`` on numpy arrays."""
     splits = load(data)
-    return timed_fit(keras_compiled(model, splits), *splits.train, batch_size=BATCH, epochs=epochs,
+    return timed_fit(keras_compiled(model, splits), *splits.train, stamp=stamp, batch_size=BATCH, epochs=epochs,
                      validation_data=splits.val, validation_batch_size=512, shuffle=True)
 
 
-def keras_fit_dataset(model: str, data: dict[str, Any], epochs: int) -> dict[str, Any]:
+def keras_fit_dataset(model: str, data: dict[str, Any], epochs: int, stamp: Stamp = time.time) -> dict[str, Any]:
     """``model.fit`` on the usual ``tf.data`` pipeline (slices, shuffle each epoch, batch, prefetch)."""
     import tensorflow as tf
 
@@ -103,10 +106,10 @@ def keras_fit_dataset(model: str, data: dict[str, Any], epochs: int) -> dict[str
     n = len(splits.train[1])
     train = tf.data.Dataset.from_tensor_slices(splits.train).shuffle(n, seed=0).batch(BATCH).prefetch(tf.data.AUTOTUNE)
     val = tf.data.Dataset.from_tensor_slices(splits.val).batch(512)
-    return timed_fit(net, train, epochs=epochs, validation_data=val)
+    return timed_fit(net, train, stamp=stamp, epochs=epochs, validation_data=val)
 
 
-def jax_loop(model: str, data: dict[str, Any], epochs: int) -> dict[str, Any]:
+def jax_loop(model: str, data: dict[str, Any], epochs: int, stamp: Stamp = time.time) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -144,7 +147,7 @@ def jax_loop(model: str, data: dict[str, Any], epochs: int) -> dict[str, Any]:
             key, sub = jax.random.split(key)
             params, opt_state, _ = train_step(params, opt_state, x[idx], y[idx], sub)
         accuracy = sum(int(correct(params, xv[i:i + 512], yv[i:i + 512])) for i in range(0, len(yv), 512)) / len(yv)
-        ends.append(time.time())
+        ends.append(stamp())
     return {**epoch_times(ends), "val_accuracy": accuracy}
 
 
@@ -184,18 +187,20 @@ def main(argv: list[str] | None = None) -> int:
         for framework, model, data, epochs in cases(Path(tmp), args.quick, tuple(args.frameworks)):
             loops = IDIOMATIC[framework]
             repeats = 1 if args.quick else REPEATS[model]
-            runs: dict[str, list[dict[str, Any]]] = {"mlk": [], **{name: [] for name in loops}}
-            for _ in range(repeats):  # interleaved, so a busy spell on the machine hits every loop
-                runs["mlk"].append(through_mlk(framework, model, data, epochs))
+            # One mlk trial in lockstep with each own loop per repeat.
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in loops}
+            mlk_runs: dict[str, list[dict[str, Any]]] = {name: [] for name in loops}
+            for repeat in range(repeats):  # the sides swap places every repeat
                 for name, loop in loops.items():
-                    runs[name].append(loop(model, data, epochs))
-            mlk_runs = runs.pop("mlk")
+                    mlk_run, own_run = in_lockstep(framework, model, data, epochs, loop, repeat % 2 == 0)
+                    mlk_runs[name].append(mlk_run)
+                    runs[name].append(own_run)
             medians = {name: statistics.median(r["epoch_s"] for r in rs) for name, rs in runs.items()}
             label = min(medians, key=lambda name: medians[name])
             row = {"framework": framework, "model": model, "dataset": data["name"], "idiomatic": label,
                    "epochs": epochs, "repeats": repeats, "batch_size": BATCH, "threads": THREADS,
-                   **compare(mlk_runs, runs[label]), "idiomatic_epoch_s_each": medians,
-                   "runs": {"mlk": mlk_runs, **runs}}
+                   **compare(mlk_runs[label], runs[label]), "idiomatic_epoch_s_each": medians,
+                   "runs": {**{f"mlk with {name}": r for name, r in mlk_runs.items()}, **runs}}
             rows.append(row)
             print(f"{framework:5s} {model:10s} {summary(row)}", flush=True)
     result = {

@@ -11,13 +11,15 @@ it trains the same model, data, batch size and optimiser for ``EPOCHS`` epochs:
 - **idiomatic**: a plain torch loop (``randperm`` batches, ``Adam``, an eval pass per epoch), or
   ``Trainer.fit`` on a LightningModule with DataLoaders (Lightning's default per-epoch checkpoint on).
 
-An epoch's time is the median gap between consecutive epoch ends (the first epoch, with its
-warm-up, is left out). The mean epoch time runs from the first epoch's end to the last epoch's end,
-or for mlk to the end of the request's final checkpoint, so it carries that save's cost. The two
-sides alternate (mlk, idiomatic, mlk, ...) ``REPEATS[model]`` times; the medians and their ratio are
-reported, and the median of the per-repeat ratios (each mlk run against the own-loop run right after
-it), on which the goal is judged: it cancels the drift of this shared machine between repeats. One
-thread each, deterministic algorithms on both sides.
+The two sides run in lockstep (:mod:`benchmarks.frameworks.lockstep`): one mlk epoch, then one
+epoch of the own loop, then the next mlk epoch..., in one process, ``REPEATS[model]`` times, the
+sides swapping threads (main and helper) and who goes first every repeat. An
+epoch's time is from its side's turn to its end (the first epoch, with its warm-up, is left out);
+the mean epoch time adds, for mlk, the request's final checkpoint after its last report. Reported:
+the medians and their ratio, and the **paired ratio**, the median over every epoch pair of mlk's
+epoch / the own loop's epoch after it, on which the goal is judged: this machine's speed drifts by
+up to +-20 % within minutes, and a pair is seconds apart. One thread each, deterministic algorithms
+on both sides.
 
 Data parallel: the same mlk trial with ``resources.slots_per_trial`` 1 and 2 (one thread per
 worker, so 2 workers use both cores), alternated; throughput is training examples per second of
@@ -39,17 +41,25 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from mlk.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from benchmarks.frameworks.lockstep import Lockstep
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.json"
 THREADS = 1
 GOAL = 1.05
-EPOCHS = {"digits_mlp": 8, "cifar_cnn": 4}
+#: Epochs per run. Each epoch after the first is paired with the own loop's; a digits epoch lasts
+#: ~20 ms and this machine's speed varies by +-30 % between such epochs, so digits needs hundreds of
+#: pairs for a median within a point or two (40 epochs x 9 repeats: 351), CIFAR (~3.5 s) tens.
+EPOCHS = {"digits_mlp": 40, "cifar_cnn": 6}
 DDP_EPOCHS = {"digits_mlp": 6, "cifar_cnn": 4}
-#: Alternated repeats per model: a digits epoch lasts ~20 ms, so this machine's drift between runs
-#: (+-20 % here) needs more of them than a CIFAR epoch of seconds.
+#: Repeats per model, each giving EPOCHS - 1 epoch pairs.
 REPEATS = {"digits_mlp": 9, "cifar_cnn": 5}
 DDP_REPEATS = 3
 BATCH = 32
@@ -81,8 +91,39 @@ def loadavg() -> list[float]:
 # -- mlk ------------------------------------------------------------------------------------------------
 
 
+class _HandOver:
+    """An ``mlk.hooks`` plugin that ends mlk's turn at each report (lockstep)."""
+
+    def __init__(self, turn: Lockstep) -> None:
+        self.turn = turn
+
+    @hookimpl
+    def mlk_trial_reported(self, run_id: str, trial_id: int, resource: int, metrics: dict[str, float]) -> None:
+        self.turn.end_epoch("mlk")
+
+
 def through_mlk(framework: str, model: str, data: dict[str, Any], epochs: int, slots: int = 1,
-                batch: int = BATCH) -> dict[str, Any]:
+                batch: int = BATCH, turn: Lockstep | None = None) -> dict[str, Any]:
+    """One trial of ``epochs`` through ``run_trial``; with ``turn``, in lockstep with an own loop."""
+    from mlk.registry import registry
+    from mlk.sections import StorageConfig
+
+    extra: dict[str, Any] = {}
+    if turn is not None:
+        # The trial's wall clock also runs while the own loop has the turn: twice the checkpoint
+        # interval keeps the saves those of a run alone.
+        every = StorageConfig.model_fields["checkpoint_every_s"].default
+        extra["storage"] = {"checkpoint_every_s": 2 * every}
+        registry().register(_HandOver(turn), name="bench-lockstep")
+    try:
+        return _trial(framework, model, data, epochs, slots, batch, extra)
+    finally:
+        if turn is not None:
+            registry().pm.unregister(name="bench-lockstep")
+
+
+def _trial(framework: str, model: str, data: dict[str, Any], epochs: int, slots: int, batch: int,
+           extra: dict[str, Any]) -> dict[str, Any]:
     from mlk.store import RunStore
     from mlk.testing import build_spec
     from mlk.trial import TrialTask, run_trial
@@ -90,7 +131,7 @@ def through_mlk(framework: str, model: str, data: dict[str, Any], epochs: int, s
     with tempfile.TemporaryDirectory(prefix="mlk-bench-fw-") as tmp:
         home = Path(tmp)
         spec = build_spec({**sections(framework, model, data, batch), "resources": {"slots_per_trial": slots},
-                           "reproducibility": {"deterministic": True}}, home)
+                           "reproducibility": {"deterministic": True}, **extra}, home)
         store = RunStore(home)
         store.create_run("bench", "bench", spec.hash, spec.data)
         store.upsert_trial("bench", 1, {}, 0, "running", epochs)
@@ -132,7 +173,11 @@ def _tensors(split: Any) -> tuple[Any, Any]:
     return torch.as_tensor(split[0], dtype=torch.float32), torch.as_tensor(split[1], dtype=torch.int64)
 
 
-def torch_loop(model: str, data: dict[str, Any], epochs: int) -> dict[str, Any]:
+#: What an own loop calls at each epoch's end: it returns the time of that end.
+Stamp = Callable[[], float]
+
+
+def torch_loop(model: str, data: dict[str, Any], epochs: int, stamp: Stamp = time.time) -> dict[str, Any]:
     """The loop a PyTorch user writes: shuffle, step, evaluate."""
     import torch
     import torch.nn.functional as F
@@ -155,11 +200,11 @@ def torch_loop(model: str, data: dict[str, Any], epochs: int) -> dict[str, Any]:
         with torch.no_grad():
             correct = sum(int((net(xb).argmax(1) == yb).sum()) for xb, yb in zip(xv.split(512), yv.split(512)))
         accuracy = correct / len(yv)
-        ends.append(time.time())
+        ends.append(stamp())
     return {**epoch_times(ends), "val_accuracy": accuracy}
 
 
-def lightning_fit(model: str, data: dict[str, Any], epochs: int) -> dict[str, Any]:
+def lightning_fit(model: str, data: dict[str, Any], epochs: int, stamp: Stamp = time.time) -> dict[str, Any]:
     """``Trainer.fit`` as its documentation shows it: a LightningModule, DataLoaders, default callbacks."""
     import logging
     import warnings
@@ -195,10 +240,10 @@ def lightning_fit(model: str, data: dict[str, Any], epochs: int) -> dict[str, An
             return torch.optim.Adam(self.parameters(), lr=LR)
 
     ends: list[float] = []
-    stamp = pl.callbacks.LambdaCallback(on_train_epoch_end=lambda *_: ends.append(time.time()))
+    callback = pl.callbacks.LambdaCallback(on_train_epoch_end=lambda *_: ends.append(stamp()))
     with tempfile.TemporaryDirectory(prefix="mlk-bench-pl-") as root:
         trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, deterministic=True, logger=False,
-                             enable_progress_bar=False, enable_model_summary=False, callbacks=[stamp],
+                             enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
                              default_root_dir=root, num_sanity_val_steps=0)
         train = DataLoader(TensorDataset(*_tensors(splits.train)), batch_size=BATCH, shuffle=True)
         val = DataLoader(TensorDataset(*_tensors(splits.val)), batch_size=512)
@@ -230,9 +275,10 @@ def bench_loops(data: dict[str, dict[str, Any]], quick: bool) -> list[dict[str, 
         repeats = 1 if quick else REPEATS[model]
         runs: dict[str, list[dict[str, Any]]] = {"mlk": [], "idiomatic": []}
         before = loadavg()
-        for _ in range(repeats):  # alternated, so a busy spell on the machine hits both sides
-            runs["mlk"].append(through_mlk(framework, model, data[model], epochs))
-            runs["idiomatic"].append(idiomatic(model, data[model], epochs))
+        for repeat in range(repeats):  # the sides swap places every repeat
+            mlk_run, own_run = in_lockstep(framework, model, data[model], epochs, idiomatic, repeat % 2 == 0)
+            runs["mlk"].append(mlk_run)
+            runs["idiomatic"].append(own_run)
         row = {"framework": framework, "model": model, "dataset": data[model]["name"], "idiomatic": label,
                "epochs": epochs, "repeats": repeats, "batch_size": BATCH, "threads": THREADS,
                **compare(runs["mlk"], runs["idiomatic"]), "loadavg_before": before, "loadavg_after": loadavg(),
@@ -242,16 +288,31 @@ def bench_loops(data: dict[str, dict[str, Any]], quick: bool) -> list[dict[str, 
     return rows
 
 
+def in_lockstep(framework: str, model: str, data: dict[str, Any], epochs: int,
+                own: Callable[..., dict[str, Any]], mlk_first: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One repeat: mlk's trial and the own loop ``own`` taking turns epoch by epoch, the first side on
+    the main thread (:func:`benchmarks.frameworks.lockstep.run_pair`)."""
+    from benchmarks.frameworks.lockstep import run_pair
+
+    mlk_run, own_run = run_pair(lambda turn: through_mlk(framework, model, data, epochs, turn=turn),
+                                lambda stamp: own(model, data, epochs, stamp=stamp), mlk_first)
+    mlk_run["mlk_first"] = own_run["mlk_first"] = mlk_first
+    mlk_run["checkpoint_s"] = mlk_run["tail_s"]  # after its last report: the request's final checkpoint
+    return mlk_run, own_run
+
+
 def compare(mlk_runs: list[dict[str, Any]], own_runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Medians over repeats of both sides' epoch times and their ratio (mlk / own), and the median of
-    the per-repeat ratios (``paired_ratio``: each mlk run against the own-loop run that followed it,
-    which cancels the machine's drift between repeats). The goal is judged on the paired ratio."""
+    """Medians over repeats of both sides' epoch times and their ratio (mlk / own), and the median
+    over every epoch pair of mlk's epoch / the own loop's epoch after it (``paired_ratio``, which
+    cancels the machine's drift). The goal is judged on the paired ratio."""
+    from benchmarks.frameworks.lockstep import paired_ratio
+
     def med(runs: list[dict[str, Any]], key: str) -> float:
         return statistics.median(r[key] for r in runs)
 
     mlk_s, own_s = med(mlk_runs, "epoch_s"), med(own_runs, "epoch_s")
     mlk_mean, own_mean = med(mlk_runs, "mean_epoch_s"), med(own_runs, "mean_epoch_s")
-    paired = statistics.median(m["epoch_s"] / o["epoch_s"] for m, o in zip(mlk_runs, own_runs))
+    paired = paired_ratio(list(zip(mlk_runs, own_runs, strict=True)))
     return {"mlk_epoch_s": mlk_s, "idiomatic_epoch_s": own_s, "ratio": mlk_s / own_s, "paired_ratio": paired,
             "goal": GOAL, "met": paired <= GOAL, "mlk_mean_epoch_s": mlk_mean, "idiomatic_mean_epoch_s": own_mean,
             "mean_ratio": mlk_mean / own_mean, "mlk_checkpoint_s": med(mlk_runs, "checkpoint_s")}

@@ -349,11 +349,8 @@ def run_trial(task: TrialTask, distributed: Distributed | None = None) -> TrialR
         fw_cls = reg.get("frameworks", ctx.framework["name"], where="framework.name")
         fw_cls.ensure_available()
         framework = fw_cls(validate_section(fw_cls.Config, ctx.framework, "framework"))
-        previous = signal.signal(signal.SIGTERM, lambda *_: ctx.request_stop())
-        try:
+        with _on_sigterm(lambda *_: ctx.request_stop()):
             framework.train(ctx)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
         flags = framework.determinism(ctx.deterministic)  # idempotent: reads back what training used
         if flags and ctx.is_main:
             _record_flags(store, task, fw_cls.name, flags)
@@ -377,6 +374,20 @@ def run_trial(task: TrialTask, distributed: Distributed | None = None) -> TrialR
             store.close()
 
 
+@contextmanager
+def _on_sigterm(handler: Any) -> Iterator[None]:
+    """SIGTERM calls ``handler`` while the block runs. Only the main thread may set signal handlers: a
+    trial run from another thread (a notebook's, a benchmark's) keeps the process's handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _record_flags(store: Any, task: TrialTask, framework: str, flags: dict[str, Any]) -> None:
     """Record the framework's determinism flags in the run's provenance: once per run, framework and
     flags in each process, not once per request (a write the next request would wait for)."""
@@ -397,9 +408,8 @@ def _supervise(task: TrialTask, slots: int) -> TrialResult:
 
     stop = threading.Event()
     _busy.set()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        return run_distributed(task, slots, should_stop=lambda: stop.is_set() or _driver_gone.is_set())
+        with _on_sigterm(lambda *_: stop.set()):
+            return run_distributed(task, slots, should_stop=lambda: stop.is_set() or _driver_gone.is_set())
     finally:
-        signal.signal(signal.SIGTERM, previous)
         _busy.clear()

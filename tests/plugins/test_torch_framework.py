@@ -546,3 +546,25 @@ def test_flatten_state_handles_odd_keys_and_refuses_objects() -> None:
     assert torch.equal(back[3][0], torch.ones(2))
     with pytest.raises(TypeError, match="without pickle"):
         flatten_state({"bad": object()})
+
+
+def test_a_trial_runs_from_a_thread_other_than_the_main_one(tmp_path: Path) -> None:
+    # Only the main thread may set signal handlers: a trial started from another thread (a notebook's,
+    # a benchmark's) trains without installing its SIGTERM handler, and the process's stays in place.
+    import signal
+    import threading
+
+    from tests.plugins.digits_trials import digits_task
+
+    from mlk.trial import run_trial
+
+    task, store = digits_task(tmp_path, "threaded", framework="torch", slots=1, target=2)
+    before = signal.getsignal(signal.SIGTERM)
+    results: list[Any] = []
+    worker = threading.Thread(target=lambda: results.append(run_trial(task)))
+    worker.start()
+    worker.join()
+    (result,) = results
+    assert result.error is None and result.resource == 2
+    assert [m["resource"] for m in store.metrics("threaded", 1)] == [1, 2]
+    assert signal.getsignal(signal.SIGTERM) is before

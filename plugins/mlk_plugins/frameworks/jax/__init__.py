@@ -39,7 +39,7 @@ class JaxFramework(Framework):
 
     Parameters are initialised from a key of the trial's seed; each epoch's shuffle order comes
     from ``ctx.epoch_seed`` and each step's dropout and augmentation (``data.augment``: width/height
-    shift, horizontal flip) from that epoch's key folded with the step number, so a resumed trial
+    shift, horizontal flip) from that epoch's key split into a key pair per step, so a resumed trial
     is bit-identical to an uninterrupted one. The train step (loss, gradients, optax update) and
     the evaluation step are ``jax.jit``-compiled. After each epoch it reports ``train_loss``,
     ``val_loss`` and ``val_accuracy`` and, when ``ctx.checkpoint_due``, checkpoints parameters
