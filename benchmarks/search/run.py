@@ -7,7 +7,9 @@
    (``data/digits_curves.npz``, made once by ``python -m benchmarks.search.curves``) up to a budget
    of 64 x 81 = 5184 epochs (random search's 64 full trainings), for each seed. Measured: epochs
    each method needs to reach random search's final best (the median over seeds of random's best
-   after 5184 epochs), and anytime regret at several budgets.
+   after 5184 epochs), and anytime regret at several budgets. Run twice: searched and judged on
+   val_loss (``digits``), and on the classification error 1 - val_accuracy (``digits_error``), the
+   "validation error" of the Hyperband and ASHA papers.
 2. **Hartmann-6** with a fidelity parameter (good and poor correlation): final regret at equal
    budget (5184) for every method, and for the poor variant the epochs mlk's hyperband and asha
    need to reach random search's final quality, relative to random search's own (runs of the mlk
@@ -54,6 +56,7 @@ GOAL_POOR_RATIO = S_MAX + 1    # on the poorly correlated function, at most (s_m
 GOAL_OVERHEAD = 0.05
 EXTENDED = 6                   # Hartmann runs of the mlk methods go on to EXTENDED x BUDGET epochs
 MLK = ("mlk-hyperband", "mlk-asha")
+PARTS = ("digits", "digits_error", "hartmann", "conformance", "live")
 PEERS = ("optuna-tpe", "optuna-random", "ray-asha", "ray-hyperband")
 
 
@@ -67,10 +70,11 @@ _PROBLEMS: dict[tuple[Any, ...], rp.Problem] = {}
 
 
 def problem_for(spec: tuple[Any, ...]) -> rp.Problem:
-    """A problem from a picklable description: ("digits", rows, table path) or ("hartmann", variant)."""
+    """A problem from a picklable description: ("digits", rows, table path, metric) or ("hartmann", variant)."""
     if spec not in _PROBLEMS:
         if spec[0] == "digits":
-            _PROBLEMS[spec] = rp.CurveTable(rp.load_table(Path(spec[2])), rp.digits_space(), rows=spec[1])
+            _PROBLEMS[spec] = rp.CurveTable(rp.load_table(Path(spec[2])), rp.digits_space(), metric=spec[3],
+                                            rows=spec[1])
         else:
             _PROBLEMS[spec] = rp.HartmannProblem(spec[1], R)
     return _PROBLEMS[spec]
@@ -125,14 +129,14 @@ def cpu_seconds(outs: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def bench_digits(seeds: Sequence[int], rows: int | None, processes: int, methods: Sequence[str] = rp.METHODS,
-                 table: Path = rp.TABLE) -> dict[str, Any]:
-    spec = ("digits", rows, str(table))
+                 table: Path = rp.TABLE, metric: str = "val_loss") -> dict[str, Any]:
+    spec = ("digits", rows, str(table), metric)
     problem = problem_for(spec)
     budget = RANDOM_TRIALS * problem.max_resource  # 5184 for the real table
     budgets = (*(b for b in BUDGETS if b < budget), budget)
-    say(f"digits replay: {len(methods)} methods x {len(seeds)} seeds, budget {budget} epochs, "
+    say(f"digits replay on {metric}: {len(methods)} methods x {len(seeds)} seeds, budget {budget} epochs, "
         f"{problem.describe()['rows']} table rows")
-    outs = run_tasks([(spec, k, s, budget, None) for k in methods for s in seeds], processes, "digits")
+    outs = run_tasks([(spec, k, s, budget, None) for k in methods for s in seeds], processes, f"digits {metric}")
     traces = group(outs)
     summary = rp.summarize(traces, problem.optimum, budgets, "mlk-random", budget)
     told = rp.summarize(traces, problem.optimum, budgets, "mlk-random", budget, curve="told")
@@ -203,7 +207,7 @@ def bench_hartmann(seeds: Sequence[int], processes: int, methods: Sequence[str] 
 
 
 def bench_conformance(seeds: Sequence[int], rows: int | None, table: Path = rp.TABLE) -> dict[str, Any]:
-    problem = problem_for(("digits", rows, str(table)))
+    problem = problem_for(("digits", rows, str(table), "val_loss"))
     hb = [rp.check_hyperband(problem, s) for s in seeds]
     asha = [rp.check_asha(problem, s, RANDOM_TRIALS * problem.max_resource) for s in seeds]
     return {"hyperband": hb, "asha": asha,
@@ -284,7 +288,8 @@ def _digits_table(d: dict[str, Any], s: dict[str, Any], g: dict[str, Any], view:
     budgets = d["budgets"]
     lines = [f"**Digits table replay** ({view}; {d['problem']['rows']} configurations x "
              f"{d['problem']['max_resource']} epochs, {len(d['seeds'])} seeds, budget {d['budget']} epochs; target = "
-             f"random's median final best val_loss {s['target']:.4f}, table optimum {s['optimum']:.4f}). "
+             f"random's median final best {d['problem']['metric']} {s['target']:.4f}, "
+             f"table optimum {s['optimum']:.4f}). "
              "Median [IQR].", "",
              f"| method | epochs to reach target | reached | speedup vs {d['budget']} | "
              + " | ".join(f"regret @{b}" for b in budgets) + " | configs |",
@@ -307,8 +312,10 @@ def _digits_table(d: dict[str, Any], s: dict[str, Any], g: dict[str, Any], view:
 
 def markdown(results: dict[str, Any]) -> str:
     lines: list[str] = []
-    if "digits" in results:
-        d = results["digits"]
+    for part in ("digits", "digits_error"):
+        if part not in results:
+            continue
+        d = results[part]
         lines += _digits_table(d, d["summary"], d["goals"], "every epoch's report counts, as for `select`")
         lines += _digits_table(d, d["summary_told"], d["goals_told"],
                                "stricter view: only the value at the end of each job counts")
@@ -362,8 +369,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=None, help="seeds per method (default 25; --quick 2)")
     p.add_argument("--rows", type=int, default=None, help="use only the first ROWS table rows (--quick 300)")
     p.add_argument("--processes", type=int, default=2, help="replay processes (default 2)")
-    p.add_argument("--only", nargs="+", choices=("digits", "hartmann", "conformance", "live"),
-                   help="run only these parts")
+    p.add_argument("--only", nargs="+", choices=PARTS,
+                   help="run only these parts (digits: searched and judged on val_loss; digits_error: on the "
+                        "classification error 1 - val_accuracy)")
     p.add_argument("--methods", nargs="+", choices=rp.METHODS, default=list(rp.METHODS))
     p.add_argument("--table", type=Path, default=rp.TABLE, help=f"the learning-curve table (default {rp.TABLE})")
     p.add_argument("--output", type=Path, default=RESULTS, help=f"where to write the JSON (default {RESULTS})")
@@ -378,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     quick = args.quick
     seeds = list(range(args.seeds if args.seeds is not None else (2 if quick else 25)))
     rows = args.rows if args.rows is not None else (300 if quick else None)
-    only = set(args.only or ("digits", "hartmann", "conformance", "live"))
+    only = set(args.only or PARTS)
     results: dict[str, Any] = {
         "command": "python -m benchmarks.search.run" + (" " + " ".join(argv or sys.argv[1:])).rstrip(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "commit": git_commit(), "quick": quick,
@@ -389,6 +397,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.perf_counter()
         results["digits"] = bench_digits(seeds, rows, args.processes, args.methods, args.table)
         results["seconds"]["digits"] = time.perf_counter() - t0
+    if "digits_error" in only:
+        t0 = time.perf_counter()
+        results["digits_error"] = bench_digits(seeds, rows, args.processes, args.methods, args.table, "val_error")
+        results["seconds"]["digits_error"] = time.perf_counter() - t0
     if "hartmann" in only:
         t0 = time.perf_counter()
         results["hartmann"] = bench_hartmann(seeds, args.processes, args.methods, 2 if quick else EXTENDED)
@@ -405,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["seconds"]["total"] = total = time.perf_counter() - started
     if args.merge and args.output.exists():  # keep the parts not run now from the earlier file
         earlier = json.loads(args.output.read_text())
-        parts = {k: results[k] for k in ("digits", "hartmann", "conformance", "live") if k in results}
+        parts = {k: results[k] for k in PARTS if k in results}
         results = {**earlier, **parts, "reruns": [*earlier.get("reruns", []), {
             k: results[k] for k in ("command", "date", "commit", "load_average", "seconds")}]}
     args.output.write_text(json.dumps(finite(results), indent=1, default=_json_default) + "\n")

@@ -28,6 +28,7 @@ def synthetic_table(n: int = 60, epochs: int = R, seed: int = 0) -> dict[str, np
     e = np.arange(1, epochs + 1)
     noise = np.random.default_rng(seed).random((n, epochs)) * 0.01
     table["val_loss"] = (0.5 * quality[:, None] + 1.0 / e[None, :] + noise).astype(np.float32)
+    table["val_accuracy"] = np.exp(-table["val_loss"]).astype(np.float32)
     return table
 
 
@@ -190,7 +191,7 @@ def test_runner_results_structure(tmp_path: Path) -> None:
     table_path = tmp_path / "t.npz"
     np.savez_compressed(table_path, **synthetic_table())
     output = tmp_path / "results.json"
-    assert bench.main(["--quick", "--seeds", "1", "--processes", "1", "--only", "digits", "conformance",
+    assert bench.main(["--quick", "--seeds", "1", "--processes", "1", "--only", "digits", "digits_error", "conformance",
                        "--methods", "mlk-random", "mlk-hyperband", "mlk-asha",
                        "--table", str(table_path), "--output", str(output)]) == 0
     results = json.loads(output.read_text())
@@ -198,4 +199,7 @@ def test_runner_results_structure(tmp_path: Path) -> None:
     d = results["digits"]
     assert set(d["summary"]["methods"]) == {"mlk-random", "mlk-hyperband", "mlk-asha"}
     assert set(d["goals"]) >= {"speedup", "anytime", "speedup_met", "anytime_met"}
+    e = results["digits_error"]
+    assert e["problem"]["metric"] == "val_error" and d["problem"]["metric"] == "val_loss"
+    assert set(e["summary_told"]["methods"]) == {"mlk-random", "mlk-hyperband", "mlk-asha"}
     assert results["conformance"]["hyperband_ok"] and results["conformance"]["asha_ok"]
