@@ -78,9 +78,11 @@ def execute(spec: Spec, *, fresh: bool = False, quiet: bool = False, reproduces:
     else:
         run_id = new_run_id(spec.name)
         store.create_run(run_id, spec.name, spec.hash, spec.data, reproduces=reproduces)
+    ctx = RunContext(run_id, spec, store, reg, graph, quiet=quiet)
+    _prepare(ctx)  # head starts (workers importing the framework) overlap what follows
+    if previous is None:
         provenance = collect_provenance(spec, reg)
         store.update_run(run_id, provenance_json=provenance)
-    ctx = RunContext(run_id, spec, store, reg, graph, quiet=quiet)
     ctx.say(f"{'resuming' if previous else 'run'} [bold]{run_id}[/] ({spec.file})")
     store.add_event(run_id, "run_resumed" if previous else "run_started", {"spec": spec.name})
     reg.hooks.mlk_run_started(run_id=run_id, spec=spec, provenance=provenance)
@@ -90,7 +92,6 @@ def execute(spec: Spec, *, fresh: bool = False, quiet: bool = False, reproduces:
     deferred: list[str] = []        # failures that let independent nodes go on (gates)
     blocked: dict[str, str] = {}    # node id -> why it did not complete
     try:
-        _prepare(ctx)
         for node in graph.nodes:
             why = next((blocked[d] for d in node.inputs if d in blocked and d not in node.optional), None)
             if why is not None:

@@ -98,6 +98,29 @@ def test_digits_split_is_fixed_and_subset_limits_train_only() -> None:
         load_digits(augment={"horizontal_flip": True})
 
 
+def test_digits_read_from_the_file_equal_load_digits_and_need_no_sklearn_import(monkeypatch: Any) -> None:
+    pytest.importorskip("sklearn")
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits as sk_load
+
+    from mlk_plugins.datasets import digits
+
+    assert digits.bundled_file() is not None
+    pixels, labels = digits.read_digits()
+    bunch = sk_load()
+    assert pixels.dtype == bunch.data.dtype and np.array_equal(pixels, bunch.data)
+    assert labels.dtype == np.int64 and np.array_equal(labels, bunch.target)
+    fast = load_digits().fingerprint()
+    monkeypatch.setattr(digits, "bundled_file", lambda: None)  # where the file moved: load_digits
+    assert load_digits().fingerprint() == fast
+    code = ("import sys; from mlk_plugins.datasets.digits import DigitsDataset as D; "
+            "D(D.Config(name='digits')).load(); print('sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 # -- cifar10: writing the official format --------------------------------------------------------------
 
 

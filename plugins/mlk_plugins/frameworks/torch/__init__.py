@@ -63,7 +63,7 @@ class TorchFramework(Framework):
     max_slots = 64
     requires = ("torch", "safetensors", "numpy")
     extra = "torch"
-    preload = ("torch", "safetensors.torch", "mlk_plugins.frameworks.torch._impl")
+    preload = ("torch", "torch._dynamo", "safetensors.torch", "mlk_plugins.frameworks.torch._impl")
     export_format = "torch"
     config: TorchConfig
 
