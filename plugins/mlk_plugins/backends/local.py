@@ -31,6 +31,24 @@ from mlk.trial import TrialResult, TrialTask, run_trial, watch_driver
 DIED = "the worker process running this trial died (killed, out of memory, or crashed)"
 
 
+def death_message(exitcode: int | None, served: int, start_method: str) -> str:
+    """Why a worker's task failed when the worker died: its exit code or signal, and for a worker that
+    exited with an error before it returned anything, the usual cause."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"{DIED}: ended by {name}" + (" (SIGKILL: killed by hand or by the out-of-memory killer)"
+                                             if exitcode == -signal.SIGKILL else "")
+    if exitcode and not served and start_method in ("forkserver", "spawn"):
+        return (f"the worker process exited with code {exitcode} before it ran any trial. With the "
+                f"{start_method} start method every worker imports the main script again: if a script "
+                "calls mlk (load_spec, execute), put those calls under `if __name__ == \"__main__\":`. "
+                "The worker's error is in the output above")
+    return DIED + (f": exit code {exitcode}" if exitcode is not None else "")
+
+
 class LocalResources(ResourcesConfig):
     start_method: str = Field("forkserver", description="multiprocessing start method: forkserver, spawn or fork")
     stop_grace_seconds: float = Field(10.0, ge=0, description="how long a stopped trial may take to save and exit")
@@ -64,6 +82,7 @@ class _Worker:
         self.process.start()
         child.close()
         self.task: TrialTask | None = None
+        self.served = 0  # results returned
 
     def close(self) -> None:
         try:
@@ -145,9 +164,11 @@ class LocalBackend(Backend):
             assert task is not None
             try:
                 results.append(w.conn.recv())  # a result sent just before the worker exited still counts
+                w.served += 1
             except (EOFError, OSError):
                 self._discard(w)
-                results.append(TrialResult(task.trial_id, 0, error=DIED))
+                error = death_message(w.process.exitcode, w.served, self.config.start_method)
+                results.append(TrialResult(task.trial_id, 0, error=error))
         self._dispatch()
         return results
 
