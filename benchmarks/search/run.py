@@ -56,7 +56,9 @@ GOAL_POOR_RATIO = S_MAX + 1    # on the poorly correlated function, at most (s_m
 GOAL_OVERHEAD = 0.05
 EXTENDED = 6                   # Hartmann runs of the mlk methods go on to EXTENDED x BUDGET epochs
 MLK = ("mlk-hyperband", "mlk-asha")
-PARTS = ("digits", "digits_error", "hartmann", "conformance", "live")
+#: The digits replay's parts and the metric each one is searched and judged on.
+DIGITS_METRICS = {"digits": "val_loss", "digits_error": "val_error"}
+PARTS = (*DIGITS_METRICS, "hartmann", "conformance", "live")
 PEERS = ("optuna-tpe", "optuna-random", "ray-asha", "ray-hyperband")
 
 
@@ -207,7 +209,7 @@ def bench_hartmann(seeds: Sequence[int], processes: int, methods: Sequence[str] 
 
 
 def bench_conformance(seeds: Sequence[int], rows: int | None, table: Path = rp.TABLE) -> dict[str, Any]:
-    problem = problem_for(("digits", rows, str(table), "val_loss"))
+    problem = problem_for(("digits", rows, str(table), DIGITS_METRICS["digits"]))
     hb = [rp.check_hyperband(problem, s) for s in seeds]
     asha = [rp.check_asha(problem, s, RANDOM_TRIALS * problem.max_resource) for s in seeds]
     return {"hyperband": hb, "asha": asha,
@@ -312,7 +314,7 @@ def _digits_table(d: dict[str, Any], s: dict[str, Any], g: dict[str, Any], view:
 
 def markdown(results: dict[str, Any]) -> str:
     lines: list[str] = []
-    for part in ("digits", "digits_error"):
+    for part in DIGITS_METRICS:
         if part not in results:
             continue
         d = results[part]
@@ -393,14 +395,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine(), "load_average": {"start": os.getloadavg()}, "seconds": {},
     }
     started = time.perf_counter()
-    if "digits" in only:
-        t0 = time.perf_counter()
-        results["digits"] = bench_digits(seeds, rows, args.processes, args.methods, args.table)
-        results["seconds"]["digits"] = time.perf_counter() - t0
-    if "digits_error" in only:
-        t0 = time.perf_counter()
-        results["digits_error"] = bench_digits(seeds, rows, args.processes, args.methods, args.table, "val_error")
-        results["seconds"]["digits_error"] = time.perf_counter() - t0
+    for part, metric in DIGITS_METRICS.items():
+        if part in only:
+            t0 = time.perf_counter()
+            results[part] = bench_digits(seeds, rows, args.processes, args.methods, args.table, metric)
+            results["seconds"][part] = time.perf_counter() - t0
     if "hartmann" in only:
         t0 = time.perf_counter()
         results["hartmann"] = bench_hartmann(seeds, args.processes, args.methods, 2 if quick else EXTENDED)
