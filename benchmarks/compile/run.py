@@ -221,7 +221,8 @@ def goals(result: dict[str, Any]) -> list[dict[str, Any]]:
             key = tuned
             t = result["variants"][tuned].get("tuning") or {}
             note = (f"{tuned}: {t.get('trials_measured')} trials measured, {t.get('tasks_tuned')}/{t.get('tasks')} "
-                    f"operators tuned in {t.get('tuning_seconds', 0):.0f} s")
+                    f"operators tuned ({len(t.get('tasks_applied') or [])} built tuned) in "
+                    f"{t.get('tuning_seconds', 0):.0f} s")
         else:
             key = "tvm"
             why = result["unavailable"].get(tuned or "", result["errors"].get(tuned or ""))
@@ -326,21 +327,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quiet-wait", type=float, default=None, metavar="S",
                         help="before each timing, wait up to S seconds for other processes to leave the CPU "
                              "(under 0.5 cores busy; default 300, --quick 0)")
+    parser.add_argument("--variants", nargs="+", choices=[k for k in vr.ALL if k != "eager"], default=None,
+                        help="compile and time only these variants, beside eager (default: all)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other models already in --output; replace only the models run now")
     args = parser.parse_args(argv)
     keys = args.models or (["digits_mlp"] if args.quick else list(md.MODELS))
+    only = vr.ALL if args.variants is None else ("eager", *args.variants)
     quiet_wait = args.quiet_wait if args.quiet_wait is not None else (0.0 if args.quick else 300.0)
     started = time.perf_counter()
     results: dict[str, Any] = {"quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                                "command": " ".join(["python -m benchmarks.compile.run", *(argv or sys.argv[1:])]),
                                "machine": machine(), "loadavg_start": loadavg(), "models": {}}
+    if args.merge and args.output.exists():  # the models not run now stay as they were, with their own dates
+        earlier = json.loads(args.output.read_text())
+        results["models"] = {k: {"date": earlier.get("date"), "command": earlier.get("command"), **v}
+                             for k, v in earlier.get("models", {}).items() if k not in keys}
     work = args.work or Path(tempfile.mkdtemp(prefix="mlk-compile-bench-"))
     try:
         for key in keys:
             t0 = time.perf_counter()
             results["models"][key] = bench_model(key, work, quick=args.quick, cache=args.cache,
-                                                 tuning_trials=args.tuning_trials,
+                                                 only=only, tuning_trials=args.tuning_trials,
                                                  tuning_budget_s=args.tuning_budget, quiet_wait_s=quiet_wait)
-            results["models"][key]["seconds"] = time.perf_counter() - t0
+            results["models"][key].update(seconds=time.perf_counter() - t0, date=results["date"],
+                                          command=results["command"])
             results["seconds"] = time.perf_counter() - started
             args.output.write_text(json.dumps(results, indent=1))
     finally:

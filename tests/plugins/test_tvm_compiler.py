@@ -112,6 +112,54 @@ def test_runner_takes_strided_and_misaligned_inputs(source: Artifact, tmp_path: 
     assert float(np.abs(run(shifted) - want).max()) <= TOLERANCE
 
 
+def test_results_outlive_later_calls_and_threads(source: Artifact, tmp_path: Path) -> None:
+    """The runner stages inputs in arrays it reuses: a result must not change when the next call runs, in
+    this thread or another."""
+    import threading
+
+    compiler, artifact = _compile(source, tmp_path / "out")
+    run = compiler.runner(artifact, 1)
+    first_x, second_x = _inputs(3, seed=5), _inputs(3, seed=6)
+    first = run(first_x)
+    kept = first.copy()
+    run(second_x)
+    assert np.array_equal(first, kept)
+    results: dict[int, np.ndarray] = {}
+
+    def worker(seed: int) -> None:
+        for _ in range(20):
+            results[seed] = run(_inputs(3, seed=seed))
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in (7, 8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for seed, got in results.items():
+        assert float(np.abs(got - _expected(source, _inputs(3, seed=seed))).max()) <= TOLERANCE
+
+
+def test_identity_graph_returns_its_own_array(tmp_path: Path) -> None:
+    """A graph whose output is its input (TVM's VM hands back the input tensor): the runner must not return
+    its staging array, which the next call overwrites."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, *INPUT])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, *INPUT])])
+    folder = tmp_path / "onnx"
+    folder.mkdir()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(folder / "model.onnx"))
+    source = Artifact("onnx", folder, {"file": "model.onnx", "steps": ["identity"], "input_shape": INPUT,
+                                       "input_name": "x"})
+    compiler, artifact = _compile(source, tmp_path / "out")
+    run = compiler.runner(artifact, 1)
+    x = _inputs(3)
+    first = run(x)
+    run(_inputs(3, seed=9))
+    assert np.array_equal(first, x)
+
+
 def test_aligned_copies_only_when_needed() -> None:
     x = aligned(np.arange(12, dtype=np.float64).reshape(3, 4))
     assert x.dtype == np.float32 and x.ctypes.data % 64 == 0 and x.flags["C_CONTIGUOUS"]
@@ -163,6 +211,8 @@ def test_tuned_library_matches_ort(source: Artifact, tmp_path: Path) -> None:
     assert artifact.meta["schedule"] == "metaschedule" and artifact.meta["tuning_trials"] == 2
     assert tuning["tasks"] >= 1 and 1 <= tuning["trials_measured"] <= 2 and not tuning["budget_reached"]
     assert tuning["tasks_tuned"] == len(tuning["best_us"]) >= 1
+    # every operator with a measured schedule is built with it (the records are found again at build time)
+    assert set(tuning["tasks_applied"]) == set(tuning["best_us"])
     assert all(v > 0 for v in tuning["best_us"].values())
     assert "tuned: " in artifact.meta["steps"][-1] and "trials measured" in artifact.meta["steps"][-1]
     _check_against_ort(compiler, artifact, source, (1, 2, 5))

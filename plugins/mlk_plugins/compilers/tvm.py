@@ -24,7 +24,9 @@ candidates in all, within ``tuning_budget_s`` seconds. Tuning goes in rounds of 
 candidates per operator, each round starting from the best schedules measured so far; no round
 starts after the budget, and candidates of a running round that reach the builder after it are not
 built. The best schedule found for each operator is built in (operators never measured keep the
-default); the artifact's ``tuning`` facts say how many trials were measured and for how many operators.
+default); the artifact's ``tuning`` facts say how many trials were measured, for how many operators, and
+which operators were built with their tuned schedule (``tasks_applied``). MetaSchedule's cost model is
+XGBoost when ``xgboost`` is installed (the ``tvm`` extra installs ``xgboost-cpu``), else random scores.
 Tuning runs in a child process, which builds and times candidates itself (MetaSchedule's own
 builder and runner start pools of worker processes that each import TVM and torch: 16 candidates of
 the digits MLP took 9 minutes that way on a loaded machine, 32 in-process 48 s) and imports only
@@ -52,6 +54,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from functools import cache
 from pathlib import Path
@@ -66,6 +69,8 @@ FILE = "model.so"
 TUNING_FILE = "tuning.json"
 #: TVM data are 64-byte aligned; inputs that are not get copied into an aligned buffer.
 ALIGNMENT = 64
+#: input shapes whose staging arrays a runner keeps per thread (a symbolic batch sees one per batch size)
+MAX_STAGING_SHAPES = 64
 
 #: Run in a subprocess: does serialising a TIR object with a data-type field (what MetaSchedule's
 #: TuneContext does) work here? It crashes with apache-tvm 0.27.0.post1 + apache-tvm-ffi 0.1.15.
@@ -147,7 +152,8 @@ class TvmCompiler(Compiler):
             facts = {}
             schedule = "default"
         how = (f"tuned: {facts['trials_measured']} of {c.tuning_trials} trials measured over "
-               f"{facts['tasks_tuned']}/{facts['tasks']} operators in {facts['seconds']:.0f} s"
+               f"{facts['tasks_tuned']}/{facts['tasks']} operators ({len(facts['tasks_applied'])} built with their "
+               f"tuned schedule) in {facts['seconds']:.0f} s"
                + (" (budget reached)" if facts["budget_reached"] else "")) if c.tuning_trials else "default schedules"
         step = f"tvm {target.kind.name}" + (f" batch {batch}" if batch else "") + f", {how}"
         artifact = source.derive("tvm", out, step, file=FILE, target=spec, target_resolved=resolved,
@@ -177,10 +183,24 @@ class TvmCompiler(Compiler):
         main = vm["main"]
         fixed = artifact.meta.get("batch_size")
 
+        staging = threading.local()  # per thread: input shape -> (aligned array, the TVM tensor viewing it)
+
         def run_once(x: Any) -> Any:
-            # DLPack both ways: tvm.runtime.tensor(x) and .numpy() copy (30 us + 9 us for one digits
-            # row here, more than the MLP's whole computation)
-            return np.from_dlpack(main(tvm_ffi.from_dlpack(aligned(x))))
+            # The input is copied into an aligned staging array that TVM already holds (DLPack, made once per
+            # shape): ~1 us for a digits row, where checking and wrapping each caller's array took ~4 us, and
+            # tvm.runtime.tensor(x) + .numpy() 39 us, more than the MLP's whole computation. The output is
+            # the VM's own fresh array, taken over through DLPack.
+            held = staging.__dict__
+            pair = held.get(x.shape)
+            if pair is None:
+                if len(held) >= MAX_STAGING_SHAPES:
+                    held.clear()
+                array = aligned(np.empty(x.shape, dtype=np.float32))
+                pair = held[x.shape] = (array, tvm_ffi.from_dlpack(array))
+            np.copyto(pair[0], x)
+            out = np.from_dlpack(main(pair[1]))
+            # a graph that returns its input (Identity) hands back the staging array itself: never return it
+            return out.copy() if np.may_share_memory(out, pair[0]) else out
 
         return lambda x: run_in_chunks(run_once, x, fixed)
 
@@ -365,7 +385,6 @@ def tune_and_build(request: dict[str, Any], work: Path) -> dict[str, Any]:
 
     _import_cpu_intrinsics()
     import tvm
-    from tvm import relax
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
@@ -438,8 +457,7 @@ def tune_and_build(request: dict[str, Any], work: Path) -> dict[str, Any]:
     target = tvm.target.Target(request["target"] if "num-cores" in request["target"] else
                                {**request["target"], "num-cores": int(request["threads"])})
     mod = import_onnx(onnx.load(request["onnx"]), request["shape"])
-    with target:
-        fused = relax.get_pipeline("zero")(mod)
+    fused = fuse(mod, target)
     extracted = [t for t in ms.relax_integration.extract_tasks(fused, target)
                  if not t.mod.attrs.get("tirx.is_scheduled", False)]
     trials = int(request["trials"])
@@ -468,18 +486,55 @@ def tune_and_build(request: dict[str, Any], work: Path) -> dict[str, Any]:
     tuned_seconds = time.monotonic() - tuning_start
     best: dict[str, float] = {}
     for task in extracted:
-        mod = task.dispatched[0]
-        top = database.get_top_k(database.commit_workload(mod), 1) if database.has_workload(mod) else []
+        workload = task.dispatched[0]
+        top = database.get_top_k(database.commit_workload(workload), 1) if database.has_workload(workload) else []
         if top and top[0].run_secs:
             best[str(task.task_name)] = sum(float(s) for s in top[0].run_secs) / len(top[0].run_secs)
-    executable = ms.relax_integration.compile_relax(database, fused, target, None)
+    executable, applied = build_tuned(mod, target, database)
     _export(executable, Path(request["out"]))
-    return {"tasks": len(extracted), "tasks_tuned": len(best), "trials": trials,
+    return {"tasks": len(extracted), "tasks_tuned": len(best), "tasks_applied": applied, "trials": trials,
             "trials_measured": counts["measured"], "trials_failed": counts["failed"],
             "trials_skipped_budget": counts["skipped"], "budget_s": float(request["budget_s"]),
             "budget_reached": counts["skipped"] > 0 or done < trials, "rounds": rounds, "cost_model": _cost_model(),
             "tuning_seconds": tuned_seconds, "seconds": time.monotonic() - start,
             "best_us": {k: round(v * 1e6, 3) for k, v in sorted(best.items())}}
+
+
+def fuse(mod: Any, target: Any, database: Any = None) -> Any:
+    """``mod`` through the first half of Relax's CPU pipeline (library dispatch, legalisation, constant
+    folding, operator fusion); with ``database``, every fused operator that has a tuning record there then
+    gets its best schedule (``MetaScheduleApplyDatabase``).
+
+    Tasks are extracted from, and records applied to, the output of these same passes: a record is found
+    by the structure of its operator, attributes included. (MetaSchedule's ``compile_relax`` runs the fusion
+    passes itself; handed an already fused module, it added an ``op_pattern`` attribute to each fused
+    operator, no record matched, and the "tuned" library had default schedules throughout.)"""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline
+    from tvm.relax.transform import MetaScheduleApplyDatabase
+
+    passes = [*pipeline.library_dispatch_passes(target), *pipeline.legalize_passes(target)]
+    with target, tvm.transform.PassContext(opt_level=3):
+        fused = tvm.transform.Sequential(passes)(mod)
+    if database is None:
+        return fused
+    with target, database, tvm.transform.PassContext(opt_level=3):
+        return MetaScheduleApplyDatabase()(fused)
+
+
+def build_tuned(mod: Any, target: Any, database: Any) -> tuple[Any, list[str]]:
+    """``mod`` fused, its operators scheduled from ``database`` where it has them, then lowered and built
+    (the second half of Relax's CPU pipeline); the executable and the operators built with a tuned schedule."""
+    import tvm
+    from tvm import tirx
+    from tvm.relax.backend.cpu_generic import pipeline
+
+    scheduled = fuse(mod, target, database)
+    applied = sorted(gv.name_hint for gv, f in scheduled.functions.items()
+                     if isinstance(f, tirx.PrimFunc) and f.attrs is not None and "tirx.is_scheduled" in f.attrs)
+    lower = tvm.transform.Sequential([*pipeline.dataflow_lower_passes(target), *pipeline.finalize_passes(target)])
+    with target, tvm.transform.PassContext(opt_level=3):
+        return tvm.compile(scheduled, target=target, relax_pipeline=lower), applied
 
 
 def _cost_model() -> str:
