@@ -95,6 +95,25 @@ def test_table_and_json(result: dict[str, Any], tmp_path: Path, monkeypatch: pyt
     assert table.count("| torch eager |") == len(bench.BATCHES)
 
 
+def test_merge_keeps_other_models_and_variants_reach_bench_model(result: dict[str, Any], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, tuple[str, ...]]] = []
+
+    def fake(key: str, work: Path, **kw: Any) -> dict[str, Any]:
+        calls.append((key, kw["only"]))
+        return dict(result)
+
+    monkeypatch.setattr(bench, "bench_model", fake)
+    output = tmp_path / "results.json"
+    earlier = {"cifar_cnn": {**result, "model": "cifar_cnn"}, "digits_mlp": {**result, "model": "old digits"}}
+    output.write_text(json.dumps({"date": "earlier", "command": "earlier run", "models": earlier}))
+    assert bench.main(["--quick", "--output", str(output), "--merge", "--variants", "ort_fp32", "tvm"]) == 0
+    assert calls == [("digits_mlp", ("eager", "ort_fp32", "tvm"))]
+    saved = json.loads(output.read_text())["models"]
+    assert saved["cifar_cnn"] == {**earlier["cifar_cnn"], "date": "earlier", "command": "earlier run"}
+    assert saved["digits_mlp"]["model"] == "digits_mlp" and saved["digits_mlp"]["date"] != "earlier"
+
+
 def test_percentile() -> None:
     assert timing.percentile([3.0, 1.0, 2.0], 50) == 2.0
     assert timing.percentile([1.0, 2.0], 99) == pytest.approx(1.99)
