@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 
 from mlk.compiler import Artifact, CompileInputs, Unavailable
-from mlk_plugins.compilers.tvm import TvmCompiler, _tuning_problem, aligned, parse_target, resolve_target
+from mlk_plugins.compilers.tvm import (
+    TvmCompiler,
+    _tuning_problem,
+    aligned,
+    parse_target,
+    resolve_target,
+    round_plan,
+)
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -185,6 +192,15 @@ def test_tuning_config_rules() -> None:
     c = TvmCompiler(TvmCompiler.Config.model_validate({"name": "tvm", "tuning_trials": 4, "batch_size": 2,
                                                        "tuning_budget_s": 90}))
     assert c.describe("onnx") == "tvm: onnx -> tvm (llvm, batch 2, tuned: 4 trials within 90 s)"
+
+
+def test_tuning_rounds_start_small_and_double() -> None:
+    # every operator gets a few candidates first, so none waits on plain loops behind a long first round
+    assert round_plan(4000, 18) == [(8, 144), (16, 288), (32, 576), (64, 1152), (64, 1152), (64, 688)]
+    assert round_plan(3, 2) == [(1, 2), (1, 1)]  # never more per operator than an even share of the trials
+    assert round_plan(20, 2) == [(8, 16), (10, 4)]
+    assert sum(n for _, n in round_plan(777, 9)) == 777
+    assert round_plan(0, 3) == [] and round_plan(5, 0) == []
 
 
 needs_tuning = pytest.mark.skipif(_tuning_problem() is not None, reason="MetaSchedule cannot work with the "
