@@ -110,7 +110,7 @@ def _train_cached(spec: md.ModelSpec, steps: int | None, cache: Path | None) -> 
 
 
 def bench_model(key: str, work: Path, *, quick: bool = False, cache: Path | None = None,
-                only: tuple[str, ...] = vr.ALL, tuning_trials: int = 64, tuning_budget_s: float = 1800.0,
+                only: tuple[str, ...] = vr.DEFAULT, tuning_trials: int = 64, tuning_budget_s: float = 1800.0,
                 quiet_wait_s: float = 0.0) -> dict[str, Any]:
     """Train, compile, check and time one model; everything as a JSON-able dict."""
     import torch
@@ -216,7 +216,9 @@ def goals(result: dict[str, Any]) -> list[dict[str, Any]]:
         where = f"{model}, batch {batch}"
         out.append({**_check("ORT fp32 p50 <= 0.8x eager", ort / p50["eager"] if ort else None, ORT_VS_EAGER),
                     "where": where, "batch": batch})
-        tuned = next((k for k, b in vr.TUNED.items() if b == batch), None)
+        # the plain tuned library when it was built, else the prepacked one
+        tuned = next((k for k, b in [*vr.TUNED.items(), *vr.PREPACKED.items()] if b == batch and k in p50),
+                     next((k for k, b in vr.TUNED.items() if b == batch), None))
         if tuned in p50:
             key = tuned
             t = result["variants"][tuned].get("tuning") or {}
@@ -328,12 +330,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="before each timing, wait up to S seconds for other processes to leave the CPU "
                              "(under 0.5 cores busy; default 300, --quick 0)")
     parser.add_argument("--variants", nargs="+", choices=[k for k in vr.ALL if k != "eager"], default=None,
-                        help="compile and time only these variants, beside eager (default: all)")
+                        help="compile and time only these variants, beside eager (default: all but the "
+                             "prepacked TVM ones)")
     parser.add_argument("--merge", action="store_true",
                         help="keep the other models already in --output; replace only the models run now")
     args = parser.parse_args(argv)
     keys = args.models or (["digits_mlp"] if args.quick else list(md.MODELS))
-    only = vr.ALL if args.variants is None else ("eager", *args.variants)
+    only = vr.DEFAULT if args.variants is None else ("eager", *args.variants)
     quiet_wait = args.quiet_wait if args.quiet_wait is not None else (0.0 if args.quick else 300.0)
     started = time.perf_counter()
     results: dict[str, Any] = {"quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

@@ -16,6 +16,9 @@ The classes come from mlk's registry (entry-point group ``mlk.compilers``), exac
   only, so at the other size the runner feeds chunks (batch 32 through the batch-1 library is 32
   calls; batch 1 through the batch-32 library pads to 32). Where tuning cannot work with the installed
   TVM the plugin raises ``Unavailable`` and the message is recorded.
+- ``tvm_tuned_prepack_b1`` / ``tvm_tuned_prepack_b32``: the same with ``weight_prepack: true`` (each
+  schedule may store its weights in the layout it reads). Only on request (``--variants``): each is
+  another tuning budget.
 - ``fold_bn``, ``prune``: the ``fold_bn`` and ``prune`` (structured 50 %, short fine-tune) passes,
   run eagerly like ``eager`` (the module rebuilt from the pass's artifact with ``load_module``).
 """
@@ -70,12 +73,17 @@ LABELS = {
     "tvm": "TVM default schedules",
     "tvm_tuned_b1": "TVM tuned for batch 1",
     "tvm_tuned_b32": "TVM tuned for batch 32",
+    "tvm_tuned_prepack_b1": "TVM tuned for batch 1, weights prepacked",
+    "tvm_tuned_prepack_b32": "TVM tuned for batch 32, weights prepacked",
     "fold_bn": "fold_bn (eager)",
     "prune": "prune 50% channels (eager)",
 }
 ALL = tuple(LABELS)
 #: the variants tuned by MetaSchedule, by the batch size they are built for
 TUNED = {"tvm_tuned_b1": 1, "tvm_tuned_b32": 32}
+PREPACKED = {"tvm_tuned_prepack_b1": 1, "tvm_tuned_prepack_b32": 32}
+#: what a run without --variants builds (the prepacked variants double the tuning time)
+DEFAULT = tuple(k for k in ALL if k not in PREPACKED)
 
 
 def compiler(name: str, **options: Any) -> Any:
@@ -113,7 +121,8 @@ def _loadavg() -> list[float]:
 
 
 def build_variants(trained: dict[str, Any], section: dict[str, Any], work: Path, *, prune_epochs: int = 2,
-                   only: tuple[str, ...] = ALL, tuning_trials: int = 64, tuning_budget_s: float = 1800.0, seed: int = 0,
+                   only: tuple[str, ...] = DEFAULT, tuning_trials: int = 64, tuning_budget_s: float = 1800.0,
+                   seed: int = 0,
                    log: Callable[[str], None] = print) -> Built:
     """Compile ``trained`` (from :func:`benchmarks.compile.models.train`) into every variant in ``only``,
     under ``work``. Compile times and load averages go in each variant's ``facts``."""
@@ -204,6 +213,9 @@ def build_variants(trained: dict[str, Any], section: dict[str, Any], work: Path,
     if tuning_trials:
         for key, batch in TUNED.items():
             tvm(key, batch_size=batch, tuning_trials=tuning_trials, tuning_budget_s=tuning_budget_s)
+        for key, batch in PREPACKED.items():
+            tvm(key, batch_size=batch, tuning_trials=tuning_trials, tuning_budget_s=tuning_budget_s,
+                weight_prepack=True)
 
     def torch_pass(key: str, name: str, **options: Any) -> None:
         def make() -> tuple[Any, Callable[[Any], Any]]:

@@ -80,6 +80,8 @@ class CompileInputs:
         seed: a seed for anything random in the step.
         context: the best trial's :class:`mlk.trial.TrialContext` (its hyperparameters, sections,
             checkpoints), for steps that rebuild or train the framework model.
+        report: takes one line of progress for people (the run prints it, prefixed with the step's
+            id); a step that works for minutes should call it every minute or so. Silent by default.
     """
 
     calibration: Any
@@ -87,6 +89,7 @@ class CompileInputs:
     threads: int
     seed: int
     context: Any = None
+    report: Callable[[str], None] = field(default=lambda line: None, repr=False)
 
 
 class CompileConfig(BaseModel):

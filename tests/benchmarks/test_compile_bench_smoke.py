@@ -18,7 +18,7 @@ MISSING = [m for m in ("torch", "onnx", "onnxscript", "onnxruntime", "tvm", "skl
            if importlib.util.find_spec(m) is None]
 # about 30 s: it trains the MLP briefly and builds all eight variants
 #: the variants built without tuning (the smoke run skips MetaSchedule: it takes minutes)
-UNTUNED = [k for k in vr.ALL if k not in vr.TUNED]
+UNTUNED = [k for k in vr.DEFAULT if k not in vr.TUNED]
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(MISSING), reason=f"needs {', '.join(MISSING)}")]
 
 

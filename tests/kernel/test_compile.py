@@ -55,6 +55,7 @@ class Fp16(Compiler):
 
     def compile(self, source, out, inputs):
         w = dict(np.load(source.file))
+        inputs.report(f"halving {len(w)} weight arrays [fp16]")
         np.savez(out / "mlp16.npz", **{k: (v + self.config.noise).astype(np.float16) for k, v in w.items()})
         return source.derive("numpy_fp16", out, "fp16", file="mlp16.npz")
 
@@ -105,6 +106,8 @@ def test_compile_chain_is_planned_by_format_validated_and_reused(workdir: Path, 
     assert "validate/fp16" in graph.stdout and "validate/numpy_mlp" in graph.stdout
     proc = mlk("run", "+spec=dc", cwd=workdir, env=compilers)
     assert proc.returncode == 0, proc.stderr
+    # a step's progress lines reach the person running it, under the step's id, brackets and all
+    assert "compile/fp16: halving 4 weight arrays [fp16]" in proc.stderr
     show = _show(workdir, compilers)
     nodes = {n["node_id"]: n for n in show["nodes"]}
     assert all(nodes[n]["status"] == "done" for n in ("export", "compile/numpy_mlp", "compile/fp16",

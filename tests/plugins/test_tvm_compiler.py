@@ -4,6 +4,8 @@ TVM cannot tune). Every library is checked against ONNX Runtime on the same inpu
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from mlk_plugins.compilers.tvm import (
     parse_target,
     resolve_target,
     round_plan,
+    run_reporting,
 )
 
 onnx = pytest.importorskip("onnx")
@@ -67,10 +70,13 @@ def _inputs(n: int, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, *INPUT)).astype(np.float32)
 
 
-def _compile(source: Artifact, out: Path, **config: Any) -> tuple[TvmCompiler, Artifact]:
+def _compile(source: Artifact, out: Path, lines: list[str] | None = None,
+             **config: Any) -> tuple[TvmCompiler, Artifact]:
     compiler = TvmCompiler(TvmCompiler.Config.model_validate({"name": "tvm", **config}))
     out.mkdir(parents=True)
-    return compiler, compiler.compile(source, out, CompileInputs(calibration=None, data=None, threads=2, seed=0))
+    inputs = CompileInputs(calibration=None, data=None, threads=2, seed=0,
+                           report=(lines.append if lines is not None else lambda line: None))
+    return compiler, compiler.compile(source, out, inputs)
 
 
 def _check_against_ort(compiler: TvmCompiler, artifact: Artifact, source: Artifact, sizes: tuple[int, ...]) -> None:
@@ -196,11 +202,38 @@ def test_tuning_config_rules() -> None:
 
 def test_tuning_rounds_start_small_and_double() -> None:
     # every operator gets a few candidates first, so none waits on plain loops behind a long first round
-    assert round_plan(4000, 18) == [(8, 144), (16, 288), (32, 576), (64, 1152), (64, 1152), (64, 688)]
-    assert round_plan(3, 2) == [(1, 2), (1, 1)]  # never more per operator than an even share of the trials
-    assert round_plan(20, 2) == [(8, 16), (10, 4)]
+    assert round_plan(4000, 18) == [(8, 144), (16, 288), (32, 576), (64, 1152), (64, 1152), (38, 684), (1, 4)]
+    assert round_plan(2, 1) == [(2, 2)]  # never more per operator than an even share of the trials
+    assert round_plan(20, 2) == [(8, 16), (2, 4)]
+    # each round gives every operator the same number; a rest below one per operator is one each, up to it
+    assert round_plan(3, 2) == [(1, 2), (1, 1)] and round_plan(2, 3) == [(1, 2)]
     assert sum(n for _, n in round_plan(777, 9)) == 777
     assert round_plan(0, 3) == [] and round_plan(5, 0) == []
+
+
+def test_child_progress_is_reported_as_it_comes(tmp_path: Path) -> None:
+    script = ("import sys, time\n"
+              "print('mlk-progress: round 1/2', flush=True)\n"
+              "print('a TVM log line', file=sys.stderr, flush=True)\n"
+              "time.sleep(0.5)\n"
+              "print('mlk-progress: round 2/2', flush=True)\n"
+              "sys.exit(3)\n")
+    seen: list[tuple[str, float]] = []
+    start = time.monotonic()
+    done = run_reporting([sys.executable, "-c", script], env={}, limit_s=60,
+                         report=lambda line: seen.append((line, time.monotonic() - start)))
+    assert done is not None and done.returncode == 3
+    assert [line for line, _ in seen] == ["round 1/2", "round 2/2"]
+    assert seen[1][1] - seen[0][1] >= 0.4, "each line is passed on when the child prints it, not at its end"
+    assert done.stderr == "a TVM log line\n"  # the rest is kept for the error message
+
+
+def test_child_past_its_limit_is_killed(tmp_path: Path) -> None:
+    marker = tmp_path / "survived"
+    script = f"import time, pathlib\ntime.sleep(5)\npathlib.Path({str(marker)!r}).write_text('x')\n"
+    # None: killed at the limit; the call returns only once the child is gone, before it could write
+    assert run_reporting([sys.executable, "-c", script], env={}, limit_s=0.5, report=lambda line: None) is None
+    assert not marker.exists()
 
 
 needs_tuning = pytest.mark.skipif(_tuning_problem() is not None, reason="MetaSchedule cannot work with the "
@@ -222,7 +255,8 @@ def test_tuning_refusal_names_the_cause(source: Artifact, tmp_path: Path) -> Non
 @needs_tuning
 @pytest.mark.slow
 def test_tuned_library_matches_ort(source: Artifact, tmp_path: Path) -> None:
-    compiler, artifact = _compile(source, tmp_path / "out", batch_size=2, tuning_trials=2, tuning_budget_s=600)
+    lines: list[str] = []
+    compiler, artifact = _compile(source, tmp_path / "out", lines, batch_size=2, tuning_trials=2, tuning_budget_s=600)
     tuning = artifact.meta["tuning"]
     assert artifact.meta["schedule"] == "metaschedule" and artifact.meta["tuning_trials"] == 2
     assert tuning["tasks"] >= 1 and 1 <= tuning["trials_measured"] <= 2 and not tuning["budget_reached"]
@@ -232,6 +266,25 @@ def test_tuned_library_matches_ort(source: Artifact, tmp_path: Path) -> None:
     assert all(v > 0 for v in tuning["best_us"].values())
     assert "tuned: " in artifact.meta["steps"][-1] and "trials measured" in artifact.meta["steps"][-1]
     _check_against_ort(compiler, artifact, source, (1, 2, 5))
+    # progress as the child goes: what it tunes, each round, then the build
+    assert lines[0].startswith(f"tuning {tuning['tasks']} operators: up to 2 candidates")
+    assert any(line.startswith(f"round {tuning['rounds']}/") for line in lines)
+    assert lines[-1] == "building the library with the tuned schedules"
+
+
+@needs_tuning
+@pytest.mark.slow
+def test_budget_ends_a_round_that_has_started(source: Artifact, tmp_path: Path) -> None:
+    # 4000 candidates cannot be measured in 30 s: the budget ends the search inside a round (no operator
+    # searches after it), and what the round measured is kept and built in
+    lines: list[str] = []
+    compiler, artifact = _compile(source, tmp_path / "out", lines, batch_size=2, tuning_trials=4000,
+                                  tuning_budget_s=30)
+    tuning = artifact.meta["tuning"]
+    assert tuning["budget_reached"] and 0 < tuning["trials_measured"] < 4000 and tuning["rounds"] >= 1
+    assert tuning["tasks_tuned"] >= 1 and set(tuning["tasks_applied"]) == set(tuning["best_us"])
+    assert any("(budget reached)" in line for line in lines)
+    _check_against_ort(compiler, artifact, source, (2, 3))
 
 
 @needs_tuning

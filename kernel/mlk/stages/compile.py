@@ -181,6 +181,12 @@ def chain_to(spec: Any, reg: Any, steps: list[Step], want: tuple[str, ...]) -> l
     return _chain(reg, {fw.export_format, *(s.produces for s in steps if not s.unreachable)}, want)
 
 
+def _report(ctx: Any, node_id: str, line: str) -> None:
+    from rich.markup import escape
+
+    ctx.say(f"[dim]{node_id}: {escape(line)}[/]")
+
+
 def run(node: Node, ctx: Any) -> dict[str, Any]:
     if node.config.get("unreachable"):
         raise Unavailable(node.config["unreachable"])
@@ -198,7 +204,8 @@ def run(node: Node, ctx: Any) -> dict[str, Any]:
         threads = ctx.spec["validate"]["threads"]
         inputs = CompileInputs(
             calibration=splits.train[0][:512] if splits is not None else None, data=splits, threads=threads,
-            seed=derive_seed(ctx.spec["seed"], node.id), context=best_trial_context(ctx))
+            seed=derive_seed(ctx.spec["seed"], node.id), context=best_trial_context(ctx),
+            report=lambda line: _report(ctx, node.id, line))
         out = work / "out"
         out.mkdir()
         artifact = compiler.compile(source, out, inputs)

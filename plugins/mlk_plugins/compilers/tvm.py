@@ -56,6 +56,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar
@@ -74,6 +75,10 @@ MAX_STAGING_SHAPES = 64
 #: tuning candidates per operator in the first round; each round doubles it, up to the maximum
 FIRST_TRIALS_PER_ROUND = 8
 MAX_TRIALS_PER_ROUND = 64
+#: the tuning child's stdout lines that carry progress for people start with this
+PROGRESS = "mlk-progress: "
+#: seconds between the tuning child's progress lines within a round
+PROGRESS_EVERY_S = 60.0
 
 #: Run in a subprocess: does serialising a TIR object with a data-type field (what MetaSchedule's
 #: TuneContext does) work here? It crashes with apache-tvm 0.27.0.post1 + apache-tvm-ffi 0.1.15.
@@ -97,6 +102,9 @@ class TvmConfig(CompileConfig):
                                                     "fused operators (0: TVM's default schedules); needs batch_size")
     tuning_budget_s: float = Field(1800.0, gt=0, description="wall-clock limit of tuning in seconds; candidates "
                                                              "past it are not measured")
+    weight_prepack: bool = Field(False, description="tuned builds: let each operator's schedule choose the "
+                                                    "layout its weights are stored in (MetaSchedule's layout "
+                                                    "rewrite; the weights are repacked once, at build time)")
 
     @model_validator(mode="after")
     def _tuning_needs_batch(self) -> TvmConfig:
@@ -343,22 +351,50 @@ def _tune_in_child(onnx_file: Path, out: Path, target: dict[str, Any], shape: li
     """Run :func:`tune_and_build` in a child process (a crash inside TVM must not take the run down); its
     facts, or an error that says how it ended."""
     request = {"onnx": str(onnx_file), "out": str(out / FILE), "facts": str(out / TUNING_FILE), "target": target,
-               "shape": shape, "trials": c.tuning_trials, "budget_s": c.tuning_budget_s,
+               "shape": shape, "trials": c.tuning_trials, "budget_s": c.tuning_budget_s, "prepack": c.weight_prepack,
                "threads": max(1, inputs.threads), "seed": inputs.seed}
     env = {**os.environ, "TVM_NUM_THREADS": str(max(1, inputs.threads))}
     with tempfile.TemporaryDirectory(prefix="mlk-tvm-tune-") as work:
         (Path(work) / "request.json").write_text(json.dumps(request))
         # the budget bounds measuring; building, search and the final build come on top
         limit = c.tuning_budget_s * 2 + 600
-        try:
-            child = subprocess.run([sys.executable, "-m", "mlk_plugins.compilers.tvm", str(Path(work) / "request.json"),
-                                    work], capture_output=True, text=True, timeout=limit, env=env)
-        except subprocess.TimeoutExpired as e:
-            raise MlkError(f"TVM tuning did not finish within {limit:.0f} s") from e
+        child = run_reporting([sys.executable, "-m", "mlk_plugins.compilers.tvm", str(Path(work) / "request.json"),
+                               work], env=env, limit_s=limit, report=inputs.report)
+        if child is None:
+            raise MlkError(f"TVM tuning did not finish within {limit:.0f} s")
     if child.returncode != 0 or not (out / TUNING_FILE).is_file():
         raise MlkError(f"TVM tuning failed ({_why(child)})")
     facts: dict[str, Any] = json.loads((out / TUNING_FILE).read_text())
     return facts
+
+
+def run_reporting(argv: list[str], *, env: dict[str, str], limit_s: float,
+                  report: Callable[[str], None]) -> subprocess.CompletedProcess[str] | None:
+    """Run ``argv``, passing each output line that starts with :data:`PROGRESS` to ``report`` as it comes;
+    the other lines (stdout and stderr together) are returned as the result's ``stderr``. None when the
+    process was killed after ``limit_s`` seconds."""
+    expired = threading.Event()
+    kept: list[str] = []
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as child:
+        def kill() -> None:
+            expired.set()
+            child.kill()
+
+        timer = threading.Timer(limit_s, kill)
+        timer.start()
+        try:
+            assert child.stdout is not None
+            for line in child.stdout:
+                if line.startswith(PROGRESS):
+                    report(line[len(PROGRESS):].rstrip())
+                else:
+                    kept.append(line)
+            child.wait()
+        finally:
+            timer.cancel()
+    if expired.is_set():
+        return None
+    return subprocess.CompletedProcess(argv, child.returncode, "", "".join(kept))
 
 
 def _import_cpu_intrinsics() -> None:
@@ -392,11 +428,18 @@ def tune_and_build(request: dict[str, Any], work: Path) -> dict[str, Any]:
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
     from tvm.s_tir.meta_schedule.runner import PyRunner, PyRunnerFuture, RunnerResult
+    from tvm.s_tir.meta_schedule.search_strategy import PySearchStrategy
 
     start = time.monotonic()
     deadline = math.inf  # set when the search starts
     built: dict[str, Any] = {}
     counts = {"built": 0, "measured": 0, "skipped": 0, "failed": 0}
+    budget = float(request["budget_s"])
+    said = [time.monotonic()]
+
+    def progress(line: str) -> None:
+        print(PROGRESS + line, flush=True)
+        said[0] = time.monotonic()
 
     @derived_object
     class InProcessBuilder(PyBuilder):  # type: ignore[misc]
@@ -406,7 +449,7 @@ def tune_and_build(request: dict[str, Any], work: Path) -> dict[str, Any]:
 
             results = []
             for item in build_inputs:
-                if time.monotonic() > deadline:
+                if time.monotonic() > deadline:  # proposed just before the budget ran out
                     counts["skipped"] += 1
                     results.append(BuilderResult(None, "tuning budget reached"))
                     continue
@@ -420,6 +463,38 @@ def tune_and_build(request: dict[str, Any], work: Path) -> dict[str, Any]:
                     counts["failed"] += 1
                     results.append(BuilderResult(None, f"{type(e).__name__}: {e}"))
             return results
+
+    @derived_object
+    class UntilBudget(PySearchStrategy):  # type: ignore[misc]
+        """MetaSchedule's evolutionary search, which proposes nothing once the budget is spent: the task
+        ends there. (Otherwise every operator left in the round still ran its search, minutes on ResNet-18,
+        though nothing more would be measured.) What was measured stays: the scheduler commits it as
+        the round ends."""
+
+        def __init__(self, inner: Any = None) -> None:
+            super().__init__()
+            self.inner = inner if inner is not None else ms.search_strategy.EvolutionarySearch()
+
+        def _initialize_with_tune_context(self, context: Any) -> None:
+            self.inner._initialize_with_tune_context(context)
+
+        def pre_tuning(self, max_trials: int, num_trials_per_iter: int, design_spaces: Any, database: Any = None,
+                       cost_model: Any = None) -> None:
+            self.inner.pre_tuning(max_trials, num_trials_per_iter, design_spaces, database, cost_model)
+
+        def post_tuning(self) -> None:
+            self.inner.post_tuning()
+
+        def generate_measure_candidates(self) -> Any:
+            if time.monotonic() >= deadline:
+                return None
+            return self.inner.generate_measure_candidates()
+
+        def notify_runner_results(self, candidates: Any, results: Any) -> None:
+            self.inner.notify_runner_results(candidates, results)
+
+        def clone(self) -> Any:
+            return UntilBudget(self.inner.clone())
 
     @derived_object
     class Finished(PyRunnerFuture):  # type: ignore[misc]
@@ -452,6 +527,9 @@ def tune_and_build(request: dict[str, Any], work: Path) -> dict[str, Any]:
                     seconds = [float(s) for s in timer(*args).results]
                     counts["measured"] += 1
                     futures.append(Finished(RunnerResult(seconds, None)))
+                    if time.monotonic() - said[0] >= PROGRESS_EVERY_S:
+                        progress(f"{counts['measured']} candidates measured; "
+                                 f"{time.monotonic() - tuning_start:.0f} of {budget:.0f} s")
                 except Exception as e:  # a candidate that fails at run time is a failed trial
                     counts["failed"] += 1
                     futures.append(Finished(RunnerResult(None, f"{type(e).__name__}: {e}")))
@@ -460,15 +538,16 @@ def tune_and_build(request: dict[str, Any], work: Path) -> dict[str, Any]:
     target = tvm.target.Target(request["target"] if "num-cores" in request["target"] else
                                {**request["target"], "num-cores": int(request["threads"])})
     mod = import_onnx(onnx.load(request["onnx"]), request["shape"])
-    fused = fuse(mod, target)
+    prepack = bool(request.get("prepack", False))
+    fused = fuse(mod, target, prepack=prepack)
     extracted = [t for t in ms.relax_integration.extract_tasks(fused, target)
                  if not t.mod.attrs.get("tirx.is_scheduled", False)]
     trials = int(request["trials"])
     database = ms.database.MemoryDatabase()
     tuning_start = time.monotonic()
-    deadline = tuning_start + float(request["budget_s"])
-    # In rounds of one batch of candidates per operator, so that no round starts after the budget (a
-    # round already running skips building once it is over); each round's search starts from the best
+    deadline = tuning_start + budget
+    # In rounds of one batch of candidates per operator; no round starts after the budget, and within a
+    # round no operator searches after it (UntilBudget). Each round's search starts from the best
     # schedules measured so far, which the database keeps. The first round is small and each next one
     # twice as large (up to the cap), so that every operator leaves the default schedule early: with 64
     # per operator from the start, ResNet-18's first round alone (18 operators) outlasted a 600 s budget.
@@ -477,11 +556,14 @@ def tune_and_build(request: dict[str, Any], work: Path) -> dict[str, Any]:
     # scored at random until it had 100 samples again)
     cost_model = ms.cost_model.CostModel.create(_cost_model(), num_tuning_cores=int(request["threads"]))
     sizes: list[int] = []
+    stopped = False
+    progress(f"tuning {len(extracted)} operators: up to {trials} candidates in {len(plan)} rounds "
+             f"within {budget:.0f} s")
     for per_round, n in plan:
         if time.monotonic() >= deadline:
             break
         contexts = [ms.TuneContext(mod=t.dispatched[0], target=t.target, space_generator="post-order-apply",
-                                   search_strategy="evolutionary", task_name=t.task_name,
+                                   search_strategy=UntilBudget(), task_name=t.task_name,
                                    num_threads=int(request["threads"]),
                                    rand_state=int(request["seed"]) + 1000 * len(sizes) + i)
                     for i, t in enumerate(extracted)]
@@ -491,47 +573,67 @@ def tune_and_build(request: dict[str, Any], work: Path) -> dict[str, Any]:
             runner=InProcessRunner(), database=database, cost_model=cost_model,
             measure_callbacks=[ms.measure_callback.AddToDatabase(), ms.measure_callback.UpdateCostModel()])
         sizes.append(per_round)
+        stopped = time.monotonic() >= deadline
+        best = best_seconds(database, extracted)
+        progress(f"round {len(sizes)}/{len(plan)}" + (" (budget reached)" if stopped else "")
+                 + f": {counts['measured']} candidates measured, {len(best)}/{len(extracted)} operators tuned, "
+                 f"their best times sum to {sum(best.values()) * 1e3:.3f} ms; "
+                 f"{time.monotonic() - tuning_start:.0f} of {budget:.0f} s")
+        if stopped:
+            break
     tuned_seconds = time.monotonic() - tuning_start
+    best = best_seconds(database, extracted)
+    progress("building the library with the tuned schedules")
+    executable, applied = build_tuned(mod, target, database, prepack=prepack)
+    _export(executable, Path(request["out"]))
+    return {"tasks": len(extracted), "tasks_tuned": len(best), "tasks_applied": applied, "trials": trials,
+            "trials_measured": counts["measured"], "trials_failed": counts["failed"],
+            "trials_skipped_budget": counts["skipped"], "budget_s": budget,
+            "budget_reached": stopped or len(sizes) < len(plan), "rounds": len(sizes),
+            "trials_per_operator_by_round": sizes, "cost_model": _cost_model(),
+            "tuning_seconds": tuned_seconds, "seconds": time.monotonic() - start,
+            "best_us": {k: round(v * 1e6, 3) for k, v in sorted(best.items())}}
+
+
+def best_seconds(database: Any, tasks: list[Any]) -> dict[str, float]:
+    """Each tuned operator's best measured time (seconds, the mean of its timing runs) in ``database``."""
     best: dict[str, float] = {}
-    for task in extracted:
+    for task in tasks:
         workload = task.dispatched[0]
         top = database.get_top_k(database.commit_workload(workload), 1) if database.has_workload(workload) else []
         if top and top[0].run_secs:
             best[str(task.task_name)] = sum(float(s) for s in top[0].run_secs) / len(top[0].run_secs)
-    executable, applied = build_tuned(mod, target, database)
-    _export(executable, Path(request["out"]))
-    return {"tasks": len(extracted), "tasks_tuned": len(best), "tasks_applied": applied, "trials": trials,
-            "trials_measured": counts["measured"], "trials_failed": counts["failed"],
-            "trials_skipped_budget": counts["skipped"], "budget_s": float(request["budget_s"]),
-            "budget_reached": counts["skipped"] > 0 or len(sizes) < len(plan), "rounds": len(sizes),
-            "trials_per_operator_by_round": sizes, "cost_model": _cost_model(),
-            "tuning_seconds": tuned_seconds, "seconds": time.monotonic() - start,
-            "best_us": {k: round(v * 1e6, 3) for k, v in sorted(best.items())}}
+    return best
 
 
 def round_plan(trials: int, operators: int) -> list[tuple[int, int]]:
     """The tuning rounds that spend ``trials`` candidates over ``operators`` operators: per round, the
     candidates per operator and in all. The first round gives each operator ``FIRST_TRIALS_PER_ROUND``,
     each next round twice as many, up to ``MAX_TRIALS_PER_ROUND`` and to an even share of ``trials``;
-    the last round takes what is left."""
+    the last rounds share out what is left. (Every operator gets the same number in a round: MetaSchedule
+    checks the round's total only between operators, so a round of 16 per operator capped at 24 in all
+    measured 34.) A rest smaller than the number of operators is a round of one candidate each, up to it."""
     if operators <= 0 or trials <= 0:
         return []
     cap = max(1, min(MAX_TRIALS_PER_ROUND, trials // operators))
     per_operator = min(FIRST_TRIALS_PER_ROUND, cap)
     plan: list[tuple[int, int]] = []
     left = trials
-    while left > 0:
-        n = min(per_operator * operators, left)
-        plan.append((per_operator, n))
-        left -= n
+    while left >= operators:
+        share = min(per_operator, left // operators)
+        plan.append((share, share * operators))
+        left -= share * operators
         per_operator = min(cap, per_operator * 2)
+    if left:
+        plan.append((1, left))
     return plan
 
 
-def fuse(mod: Any, target: Any, database: Any = None) -> Any:
+def fuse(mod: Any, target: Any, database: Any = None, prepack: bool = False) -> Any:
     """``mod`` through the first half of Relax's CPU pipeline (library dispatch, legalisation, constant
     folding, operator fusion); with ``database``, every fused operator that has a tuning record there then
-    gets its best schedule (``MetaScheduleApplyDatabase``).
+    gets its best schedule (``MetaScheduleApplyDatabase``). With ``prepack``, operators' weight arguments
+    are marked layout-free first, so that a schedule may rewrite their layout (see :func:`build_tuned`).
 
     Tasks are extracted from, and records applied to, the output of these same passes: a record is found
     by the structure of its operator, attributes included. (MetaSchedule's ``compile_relax`` runs the fusion
@@ -539,9 +641,10 @@ def fuse(mod: Any, target: Any, database: Any = None) -> Any:
     operator, no record matched, and the "tuned" library had default schedules throughout.)"""
     import tvm
     from tvm.relax.backend.cpu_generic import pipeline
-    from tvm.relax.transform import MetaScheduleApplyDatabase
+    from tvm.relax.transform import AttachAttrLayoutFreeBuffers, MetaScheduleApplyDatabase
 
-    passes = [*pipeline.library_dispatch_passes(target), *pipeline.legalize_passes(target)]
+    passes = [*pipeline.library_dispatch_passes(target), *pipeline.legalize_passes(target),
+              *([AttachAttrLayoutFreeBuffers()] if prepack else [])]
     with target, tvm.transform.PassContext(opt_level=3):
         fused = tvm.transform.Sequential(passes)(mod)
     if database is None:
@@ -550,16 +653,22 @@ def fuse(mod: Any, target: Any, database: Any = None) -> Any:
         return MetaScheduleApplyDatabase()(fused)
 
 
-def build_tuned(mod: Any, target: Any, database: Any) -> tuple[Any, list[str]]:
+def build_tuned(mod: Any, target: Any, database: Any, prepack: bool = False) -> tuple[Any, list[str]]:
     """``mod`` fused, its operators scheduled from ``database`` where it has them, then lowered and built
-    (the second half of Relax's CPU pipeline); the executable and the operators built with a tuned schedule."""
+    (the second half of Relax's CPU pipeline); the executable and the operators built with a tuned schedule.
+    With ``prepack``, the weight-layout rewrites the schedules chose are split out of the operators and
+    computed on the (constant) weights now, so that the library holds the weights repacked."""
     import tvm
-    from tvm import tirx
+    from tvm import relax, tirx
     from tvm.relax.backend.cpu_generic import pipeline
 
-    scheduled = fuse(mod, target, database)
+    scheduled = fuse(mod, target, database, prepack=prepack)
     applied = sorted(gv.name_hint for gv, f in scheduled.functions.items()
                      if isinstance(f, tirx.PrimFunc) and f.attrs is not None and "tirx.is_scheduled" in f.attrs)
+    if prepack:
+        with target, tvm.transform.PassContext(opt_level=3):
+            scheduled = tvm.transform.Sequential([relax.transform.SplitLayoutRewritePreproc(),
+                                                  relax.transform.FoldConstant()])(scheduled)
     lower = tvm.transform.Sequential([*pipeline.dataflow_lower_passes(target), *pipeline.finalize_passes(target)])
     with target, tvm.transform.PassContext(opt_level=3):
         return tvm.compile(scheduled, target=target, relax_pipeline=lower), applied
