@@ -130,7 +130,8 @@ def build_variants(trained: dict[str, Any], section: dict[str, Any], work: Path,
     from mlk_plugins.frameworks.torch.artifacts import load_module, write_artifact
 
     splits, meta = trained["splits"], trained["meta"]
-    inputs = CompileInputs(calibration=splits.train[0][:CALIBRATION], data=splits, threads=THREADS, seed=seed)
+    inputs = CompileInputs(calibration=splits.train[0][:CALIBRATION], data=splits, threads=THREADS, seed=seed,
+                           report=lambda line: log(f"    {line}"))  # e.g. TVM's tuning rounds
     variants: list[Variant] = []
     unavailable: dict[str, str] = {}
     errors: dict[str, str] = {}
