@@ -274,6 +274,17 @@ def test_tuned_library_matches_ort(source: Artifact, tmp_path: Path) -> None:
 
 @needs_tuning
 @pytest.mark.slow
+def test_prepacked_weights_match_ort(source: Artifact, tmp_path: Path) -> None:
+    # the schedules may read weights in their own layout; the library holds them repacked, same results
+    compiler, artifact = _compile(source, tmp_path / "out", batch_size=2, tuning_trials=6, tuning_budget_s=600,
+                                  weight_prepack=True)
+    tuning = artifact.meta["tuning"]
+    assert tuning["tasks_tuned"] >= 1 and set(tuning["tasks_applied"]) == set(tuning["best_us"])
+    _check_against_ort(compiler, artifact, source, (1, 2, 5))
+
+
+@needs_tuning
+@pytest.mark.slow
 def test_budget_ends_a_round_that_has_started(source: Artifact, tmp_path: Path) -> None:
     # 4000 candidates cannot be measured in 30 s: the budget ends the search inside a round (no operator
     # searches after it), and what the round measured is kept and built in
