@@ -217,8 +217,8 @@ def goals(result: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({**_check("ORT fp32 p50 <= 0.8x eager", ort / p50["eager"] if ort else None, ORT_VS_EAGER),
                     "where": where, "batch": batch})
         # the plain tuned library when it was built, else the prepacked one
-        tuned = next((k for k, b in [*vr.TUNED.items(), *vr.PREPACKED.items()] if b == batch and k in p50),
-                     next((k for k, b in vr.TUNED.items() if b == batch), None))
+        candidates = [k for k, b in {**vr.TUNED, **vr.PREPACKED}.items() if b == batch]
+        tuned = next((k for k in candidates if k in p50), candidates[0] if candidates else None)
         if tuned in p50:
             key = tuned
             t = result["variants"][tuned].get("tuning") or {}

@@ -212,11 +212,9 @@ def build_variants(trained: dict[str, Any], section: dict[str, Any], work: Path,
 
     tvm("tvm")
     if tuning_trials:
-        for key, batch in TUNED.items():
-            tvm(key, batch_size=batch, tuning_trials=tuning_trials, tuning_budget_s=tuning_budget_s)
-        for key, batch in PREPACKED.items():
+        for key, batch in {**TUNED, **PREPACKED}.items():
             tvm(key, batch_size=batch, tuning_trials=tuning_trials, tuning_budget_s=tuning_budget_s,
-                weight_prepack=True)
+                weight_prepack=key in PREPACKED)
 
     def torch_pass(key: str, name: str, **options: Any) -> None:
         def make() -> tuple[Any, Callable[[Any], Any]]:

@@ -538,7 +538,7 @@ def tune_and_build(request: dict[str, Any], work: Path) -> dict[str, Any]:
     target = tvm.target.Target(request["target"] if "num-cores" in request["target"] else
                                {**request["target"], "num-cores": int(request["threads"])})
     mod = import_onnx(onnx.load(request["onnx"]), request["shape"])
-    prepack = bool(request.get("prepack", False))
+    prepack = bool(request["prepack"])
     fused = fuse(mod, target, prepack=prepack)
     extracted = [t for t in ms.relax_integration.extract_tasks(fused, target)
                  if not t.mod.attrs.get("tirx.is_scheduled", False)]
