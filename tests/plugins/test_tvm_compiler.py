@@ -17,9 +17,11 @@ from mlk_plugins.compilers.tvm import (
     TvmCompiler,
     _tuning_problem,
     aligned,
+    next_round_size,
     parse_target,
     resolve_target,
     round_plan,
+    round_size,
     run_reporting,
 )
 
@@ -211,6 +213,15 @@ def test_tuning_rounds_start_small_and_double() -> None:
     assert round_plan(0, 3) == [] and round_plan(5, 0) == []
 
 
+def test_rounds_grow_until_the_search_takes_at_most_a_third() -> None:
+    # the search costs the same per operator whatever a round measures: when it is dear, rounds grow faster
+    assert next_round_size(8, search_s=0.5, candidate_s=0.5) == 16  # a cheap search: twice as many
+    assert next_round_size(8, search_s=17.0, candidate_s=0.6) == 57  # 17 s of search, 2 x 17 s of candidates
+    assert next_round_size(8, search_s=100.0, candidate_s=0.1) == 64  # never past the cap
+    assert next_round_size(64, search_s=0.0, candidate_s=0.0) == 64
+    assert round_size(100, 18, 57) == (5, 90) and round_size(2000, 18, 57) == (57, 1026)
+
+
 def test_child_progress_is_reported_as_it_comes(tmp_path: Path) -> None:
     script = ("import sys, time\n"
               "print('mlk-progress: round 1/2', flush=True)\n"
@@ -264,11 +275,16 @@ def test_tuned_library_matches_ort(source: Artifact, tmp_path: Path) -> None:
     # every operator with a measured schedule is built with it (the records are found again at build time)
     assert set(tuning["tasks_applied"]) == set(tuning["best_us"])
     assert all(v > 0 for v in tuning["best_us"].values())
+    # the model's time in its tuned operators counts each as often as the model calls it
+    calls = tuning["calls_per_run"]
+    assert set(calls) >= set(tuning["best_us"]) and all(n >= 1 for n in calls.values())
+    assert tuning["tuned_ms_per_run"] == pytest.approx(
+        sum(us * calls[k] for k, us in tuning["best_us"].items()) / 1e3, rel=1e-3, abs=1e-4)
     assert "tuned: " in artifact.meta["steps"][-1] and "trials measured" in artifact.meta["steps"][-1]
     _check_against_ort(compiler, artifact, source, (1, 2, 5))
     # progress as the child goes: what it tunes, each round, then the build
     assert lines[0].startswith(f"tuning {tuning['tasks']} operators: up to 2 candidates")
-    assert any(line.startswith(f"round {tuning['rounds']}/") for line in lines)
+    assert any(line.startswith(f"round {tuning['rounds']} (") for line in lines)
     assert lines[-1] == "building the library with the tuned schedules"
 
 

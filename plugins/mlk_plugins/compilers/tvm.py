@@ -75,6 +75,9 @@ MAX_STAGING_SHAPES = 64
 #: tuning candidates per operator in the first round; each round doubles it, up to the maximum
 FIRST_TRIALS_PER_ROUND = 8
 MAX_TRIALS_PER_ROUND = 64
+#: the share of a round that the search may take (it costs the same per operator whatever it proposes);
+#: a round is made larger than twice the last until its candidates take the rest
+SEARCH_SHARE = 1 / 3
 #: the tuning child's stdout lines that carry progress for people start with this
 PROGRESS = "mlk-progress: "
 #: seconds between the tuning child's progress lines within a round
@@ -434,6 +437,7 @@ def tune_and_build(request: dict[str, Any], work: Path) -> dict[str, Any]:
     deadline = math.inf  # set when the search starts
     built: dict[str, Any] = {}
     counts = {"built": 0, "measured": 0, "skipped": 0, "failed": 0}
+    working = [0.0]  # seconds spent building and timing candidates (the rest of a round is the search)
     budget = float(request["budget_s"])
     said = [time.monotonic()]
 
@@ -448,6 +452,7 @@ def tune_and_build(request: dict[str, Any], work: Path) -> dict[str, Any]:
             from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
             results = []
+            began = time.monotonic()
             for item in build_inputs:
                 if time.monotonic() > deadline:  # proposed just before the budget ran out
                     counts["skipped"] += 1
@@ -462,6 +467,7 @@ def tune_and_build(request: dict[str, Any], work: Path) -> dict[str, Any]:
                 except Exception as e:  # a candidate that does not compile is a failed trial, not an error
                     counts["failed"] += 1
                     results.append(BuilderResult(None, f"{type(e).__name__}: {e}"))
+            working[0] += time.monotonic() - began
             return results
 
     @derived_object
@@ -514,6 +520,7 @@ def tune_and_build(request: dict[str, Any], work: Path) -> dict[str, Any]:
             device = tvm.cpu()
             fill = tvm.get_global_func("tvm.contrib.random.random_fill")
             futures = []
+            began = time.monotonic()
             for item in runner_inputs:
                 try:
                     module = built.pop(item.artifact_path)
@@ -533,6 +540,7 @@ def tune_and_build(request: dict[str, Any], work: Path) -> dict[str, Any]:
                 except Exception as e:  # a candidate that fails at run time is a failed trial
                     counts["failed"] += 1
                     futures.append(Finished(RunnerResult(None, f"{type(e).__name__}: {e}")))
+            working[0] += time.monotonic() - began
             return futures
 
     target = tvm.target.Target(request["target"] if "num-cores" in request["target"] else
@@ -548,20 +556,23 @@ def tune_and_build(request: dict[str, Any], work: Path) -> dict[str, Any]:
     deadline = tuning_start + budget
     # In rounds of one batch of candidates per operator; no round starts after the budget, and within a
     # round no operator searches after it (UntilBudget). Each round's search starts from the best
-    # schedules measured so far, which the database keeps. The first round is small and each next one
-    # twice as large (up to the cap), so that every operator leaves the default schedule early: with 64
-    # per operator from the start, ResNet-18's first round alone (18 operators) outlasted a 600 s budget.
+    # schedules measured so far, which the database keeps. The first round is small, so that every
+    # operator leaves the default schedule early (with 64 per operator from the start, ResNet-18's first
+    # round alone outlasted a 600 s budget); each next one is twice as large, or more where the search
+    # would take more than its share of the round (next_round_size), up to the cap.
     plan = round_plan(trials, len(extracted))
     # one cost model for all rounds: it keeps learning from every measurement (a new one each round
     # scored at random until it had 100 samples again)
     cost_model = ms.cost_model.CostModel.create(_cost_model(), num_tuning_cores=int(request["threads"]))
     sizes: list[int] = []
     stopped = False
-    progress(f"tuning {len(extracted)} operators: up to {trials} candidates in {len(plan)} rounds "
+    left, wanted = trials, FIRST_TRIALS_PER_ROUND
+    progress(f"tuning {len(extracted)} operators: up to {trials} candidates in at most {len(plan)} rounds "
              f"within {budget:.0f} s")
-    for per_round, n in plan:
-        if time.monotonic() >= deadline:
-            break
+    while left > 0 and extracted and time.monotonic() < deadline:
+        per_round, n = round_size(left, len(extracted), wanted)
+        round_start, worked_before = time.monotonic(), working[0]
+        tried_before = counts["measured"] + counts["failed"]
         contexts = [ms.TuneContext(mod=t.dispatched[0], target=t.target, space_generator="post-order-apply",
                                    search_strategy=UntilBudget(), task_name=t.task_name,
                                    num_threads=int(request["threads"]),
@@ -573,12 +584,18 @@ def tune_and_build(request: dict[str, Any], work: Path) -> dict[str, Any]:
             runner=InProcessRunner(), database=database, cost_model=cost_model,
             measure_callbacks=[ms.measure_callback.AddToDatabase(), ms.measure_callback.UpdateCostModel()])
         sizes.append(per_round)
+        left -= n
         stopped = time.monotonic() >= deadline
+        worked = working[0] - worked_before
+        searched = time.monotonic() - round_start - worked
+        tried = counts["measured"] + counts["failed"] - tried_before
+        wanted = next_round_size(per_round, searched / len(extracted), worked / tried if tried else 0.0)
         best = best_seconds(database, extracted)
-        progress(f"round {len(sizes)}/{len(plan)}" + (" (budget reached)" if stopped else "")
+        progress(f"round {len(sizes)} ({per_round} per operator)" + (" (budget reached)" if stopped else "")
                  + f": {counts['measured']} candidates measured, {len(best)}/{len(extracted)} operators tuned, "
-                 f"their best times sum to {sum(best.values()) * 1e3:.3f} ms; "
-                 f"{time.monotonic() - tuning_start:.0f} of {budget:.0f} s")
+                 f"at their best they take {per_call(best, extracted) * 1e3:.3f} ms a call; "
+                 f"searching took {searched:.0f} s, "
+                 f"building and timing {worked:.0f} s; {time.monotonic() - tuning_start:.0f} of {budget:.0f} s")
         if stopped:
             break
     tuned_seconds = time.monotonic() - tuning_start
@@ -589,10 +606,12 @@ def tune_and_build(request: dict[str, Any], work: Path) -> dict[str, Any]:
     return {"tasks": len(extracted), "tasks_tuned": len(best), "tasks_applied": applied, "trials": trials,
             "trials_measured": counts["measured"], "trials_failed": counts["failed"],
             "trials_skipped_budget": counts["skipped"], "budget_s": budget,
-            "budget_reached": stopped or len(sizes) < len(plan), "rounds": len(sizes),
+            "budget_reached": stopped or (left > 0 and bool(extracted)), "rounds": len(sizes),
             "trials_per_operator_by_round": sizes, "cost_model": _cost_model(),
             "tuning_seconds": tuned_seconds, "seconds": time.monotonic() - start,
-            "best_us": {k: round(v * 1e6, 3) for k, v in sorted(best.items())}}
+            "best_us": {k: round(v * 1e6, 3) for k, v in sorted(best.items())},
+            "calls_per_run": {str(t.task_name): int(t.weight) for t in extracted},
+            "tuned_ms_per_run": round(per_call(best, extracted) * 1e3, 4)}
 
 
 def best_seconds(database: Any, tasks: list[Any]) -> dict[str, float]:
@@ -606,27 +625,48 @@ def best_seconds(database: Any, tasks: list[Any]) -> dict[str, float]:
     return best
 
 
+def per_call(best: dict[str, float], tasks: list[Any]) -> float:
+    """Seconds a call of the model spends in the tuned operators at their ``best`` times (from
+    :func:`best_seconds`): an operator that the model calls twice (a task of weight 2) counts twice."""
+    return sum(best[str(t.task_name)] * float(t.weight) for t in tasks if str(t.task_name) in best)
+
+
 def round_plan(trials: int, operators: int) -> list[tuple[int, int]]:
-    """The tuning rounds that spend ``trials`` candidates over ``operators`` operators: per round, the
-    candidates per operator and in all. The first round gives each operator ``FIRST_TRIALS_PER_ROUND``,
-    each next round twice as many, up to ``MAX_TRIALS_PER_ROUND`` and to an even share of ``trials``;
-    the last rounds share out what is left. (Every operator gets the same number in a round: MetaSchedule
-    checks the round's total only between operators, so a round of 16 per operator capped at 24 in all
-    measured 34.) A rest smaller than the number of operators is a round of one candidate each, up to it."""
-    if operators <= 0 or trials <= 0:
-        return []
-    cap = max(1, min(MAX_TRIALS_PER_ROUND, trials // operators))
-    per_operator = min(FIRST_TRIALS_PER_ROUND, cap)
+    """The tuning rounds that spend ``trials`` candidates over ``operators`` operators when each round
+    only doubles (:func:`next_round_size`): per round, the candidates per operator and in all. The first
+    round gives each operator ``FIRST_TRIALS_PER_ROUND``, each next round twice as many, up to
+    ``MAX_TRIALS_PER_ROUND``; the last rounds share out what is left (:func:`round_size`). Tuning runs at
+    most this many rounds."""
     plan: list[tuple[int, int]] = []
-    left = trials
-    while left >= operators:
-        share = min(per_operator, left // operators)
-        plan.append((share, share * operators))
-        left -= share * operators
-        per_operator = min(cap, per_operator * 2)
-    if left:
-        plan.append((1, left))
+    left, wanted = trials, FIRST_TRIALS_PER_ROUND
+    while left > 0 and operators > 0:
+        plan.append(round_size(left, operators, wanted))
+        left -= plan[-1][1]
+        wanted = next_round_size(plan[-1][0], 0.0, 0.0)
     return plan
+
+
+def round_size(left: int, operators: int, wanted: int) -> tuple[int, int]:
+    """A round of up to ``wanted`` candidates per operator when ``left`` candidates remain: per operator,
+    and in all. Every operator gets the same number (MetaSchedule checks a round's total only between
+    operators, so a round of 16 per operator capped at 24 in all measured 34); a rest smaller than the
+    number of operators is a round of one candidate each, up to it."""
+    if left >= operators:
+        share = min(wanted, left // operators)
+        return share, share * operators
+    return 1, left
+
+
+def next_round_size(size: int, search_s: float, candidate_s: float) -> int:
+    """Candidates per operator in the round after one of ``size``: twice as many, up to
+    ``MAX_TRIALS_PER_ROUND``; and at least enough that the search, which took ``search_s`` per operator
+    in the last round whatever it proposed, is at most ``SEARCH_SHARE`` of the next, where a candidate
+    takes ``candidate_s`` to build and time. (On ResNet-18 an operator's search took ~17 s and a
+    candidate ~0.6 s: in rounds of 8 per operator, four fifths of the tuning time went to the search.)"""
+    wanted = 2 * size
+    if search_s > 0 and candidate_s > 0:
+        wanted = max(wanted, math.ceil(search_s * (1 / SEARCH_SHARE - 1) / candidate_s))
+    return min(MAX_TRIALS_PER_ROUND, wanted)
 
 
 def fuse(mod: Any, target: Any, database: Any = None, prepack: bool = False) -> Any:
